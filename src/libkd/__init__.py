@@ -1,0 +1,10 @@
+"""libkd: data-efficient ViTs distilled from an ensemble of convolution and involution teachers."""
+
+__version__ = "0.1.0"
+
+
+class LibkdError(Exception):
+    """An error caused by the user's input (path, config, data, checkpoint, store).
+
+    Its message names the problem and the fix; the CLI prints it without a traceback.
+    """

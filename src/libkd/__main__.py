@@ -1,0 +1,3 @@
+from libkd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Experiment configuration: schema, YAML loading, command-line overrides, validation.
+
+A config is one YAML file (recipes live in ``configs/``). Every key can be overridden with
+``--set section.key=value`` (the value is parsed as YAML, so ``3e-4``, ``true`` and ``[1, 2]``
+work). Unknown keys and wrong types fail with a message that names the valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from libkd import LibkdError
+
+
+class ConfigError(LibkdError):
+    """A config file or override that does not fit the schema."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    """Shape of the generated data set used by unit tests and smoke runs."""
+
+    num_classes: int = Field(4, ge=2)
+    per_class: int = Field(32, ge=1)
+    image_size: int = Field(16, ge=4)
+
+
+class DataConfig(Section):
+    """Where the images come from and which of them are used."""
+
+    source: Literal["imagefolder", "cifar10", "cifar100", "digits", "synthetic"] = "digits"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "test"
+    # Fraction (0 < f <= 1) or images per class (int >= 1) of the training split.
+    subset: Union[int, float, None] = None
+    subset_seed: int = 0
+    skip_corrupt: bool = False
+    # Resize every image to this square size on load (lets folders of mixed sizes be cached).
+    load_size: int | None = Field(None, ge=4)
+    cache_dir: str | None = None
+    download: bool = False
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ExperimentConfig(Section):
+    """The whole experiment: every subcommand reads the sections it needs."""
+
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/default"
+    data: DataConfig = DataConfig()
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(model: type[BaseModel], values: dict[str, Any], prefix: str = "") -> None:
+    """Reject unknown keys before pydantic does, with the list of valid ones."""
+    fields = model.model_fields
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            valid = sorted(fields)
+            section = prefix.rstrip(".") or "the top level"
+            raise ConfigError(
+                f"unknown config key '{where}'{_suggest(key, valid)}; valid keys in {section}: "
+                + ", ".join(valid)
+            )
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"config key '{where}' is a section; set its keys as {where}.KEY=VALUE "
+                    f"(valid: {', '.join(sorted(annotation.model_fields))})"
+                )
+            _check_keys(annotation, value, where + ".")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and its YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. data.subset=0.1")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"override '{text}' has no key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_override(values: dict[str, Any], path: list[str], value: Any) -> None:
+    node = values
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    schema: type[BaseModel] = ExperimentConfig,
+) -> Any:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; shipped recipes are in configs/")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(loaded).__name__}")
+        values = loaded or {}
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        apply_override(values, key_path, value)
+    _check_keys(schema, values)
+    try:
+        return schema.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            problems.append(f"'{where}': {err['msg']} (got {err.get('input')!r})")
+        origin = f" in '{path}'" if path else ""
+        raise ConfigError(f"invalid config{origin}: " + "; ".join(problems)) from None
+
+
+def save_config(config: BaseModel, directory: str | Path) -> Path:
+    """Write the resolved config next to an output, so a run can be repeated exactly."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "config.yaml"
+    target.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return target

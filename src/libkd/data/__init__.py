@@ -1,0 +1,21 @@
+"""Data sets and (replayable) augmentation."""
+
+from libkd.data.datasets import (
+    CorruptImageError,
+    DataError,
+    ImageDataset,
+    build_dataset,
+    make_synthetic,
+    parse_dataset_spec,
+    select_subset,
+)
+
+__all__ = [
+    "CorruptImageError",
+    "DataError",
+    "ImageDataset",
+    "build_dataset",
+    "make_synthetic",
+    "parse_dataset_spec",
+    "select_subset",
+]

@@ -1,0 +1,428 @@
+"""Image data sets: ImageFolder trees, CIFAR batches, the embedded digits set, synthetic data.
+
+Every source yields an :class:`ImageDataset`: uint8 images (decoded once and, for small images,
+cached on disk as one array), integer labels, class names, and a fingerprint that later steps
+write into checkpoints and stores so that a mismatch is caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from libkd import LibkdError
+from libkd.config import DataConfig
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Images up to this size are decoded once into a single uint8 array and cached on disk.
+MAX_CACHED_SIZE = 64
+
+
+class DataError(LibkdError):
+    """A data set that cannot be read as asked."""
+
+
+@dataclass
+class ImageDataset(torch.utils.data.Dataset):
+    """Labelled RGB images, either held as one uint8 array (N, H, W, 3) or decoded per item.
+
+    ``keys`` identify each sample within its source (relative path and size for files, an
+    index for array sources); with ``source_id`` and the class names they make the fingerprint.
+    """
+
+    classes: list[str]
+    labels: np.ndarray
+    keys: list[str]
+    source_id: str
+    images: np.ndarray | None = None
+    files: list[Path] | None = None
+    load_size: int | None = None
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) when every image has the same size, else None."""
+        if self.images is not None:
+            return int(self.images.shape[1]), int(self.images.shape[2])
+        if self.load_size:
+            return self.load_size, self.load_size
+        return None
+
+    def load_image(self, index: int) -> np.ndarray:
+        """The image at ``index`` as a uint8 (H, W, 3) array."""
+        if self.images is not None:
+            return np.asarray(self.images[index])
+        assert self.files is not None
+        return _decode(self.files[index], self.load_size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = torch.from_numpy(np.array(self.load_image(index))).permute(2, 0, 1)  # copy: cache is read-only
+        return image, int(self.labels[index])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the source, class names, and each sample's key and label."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(self.source_id.encode())
+            digest.update(json.dumps(self.classes).encode())
+            for key, label in zip(self.keys, self.labels.tolist()):
+                digest.update(f"\n{key}\t{label}".encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(self.labels, minlength=self.num_classes).tolist()
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageDataset":
+        """A new data set holding the samples at ``indices`` (its fingerprint follows)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageDataset(
+            classes=self.classes,
+            labels=self.labels[idx],
+            keys=[self.keys[i] for i in idx.tolist()],
+            source_id=self.source_id,
+            images=None if self.images is None else self.images[idx],
+            files=None if self.files is None else [self.files[i] for i in idx.tolist()],
+            load_size=self.load_size,
+        )
+
+    def mean_std(self, max_images: int = 10000) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std on the 0-1 scale (over at most ``max_images`` images)."""
+        n = len(self)
+        pick = np.linspace(0, n - 1, num=min(n, max_images)).astype(np.int64)
+        total = np.zeros(3)
+        total_sq = np.zeros(3)
+        count = 0
+        for start in range(0, len(pick), 1024):
+            rows = pick[start : start + 1024]
+            if self.images is not None:
+                chunk = np.asarray(self.images[rows])
+            else:
+                chunk = np.stack([self.load_image(i) for i in rows])
+            pixels = chunk.reshape(-1, 3).astype(np.float64) / 255.0
+            total += pixels.sum(0)
+            total_sq += (pixels**2).sum(0)
+            count += len(pixels)
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        return mean.round(4).tolist(), std.round(4).tolist()
+
+
+def _decode(path: Path, load_size: int | None) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if load_size and img.size != (load_size, load_size):
+                img = img.resize((load_size, load_size), Image.BICUBIC)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(path, exc) from exc
+
+
+class CorruptImageError(DataError):
+    def __init__(self, path: Path, cause: Exception):
+        super().__init__(
+            f"cannot decode image '{path}' ({cause.__class__.__name__}: {cause}); "
+            "delete or replace the file, or set data.skip_corrupt=true to skip unreadable images"
+        )
+        self.path = path
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+
+def _scan_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
+    if not root.exists():
+        raise DataError(f"data folder '{root}' does not exist; check data.root (and data.train_split / data.val_split)")
+    if not root.is_dir():
+        raise DataError(f"'{root}' is a file; an ImageFolder root must be a folder with one sub-folder per class")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"'{root}' has no class sub-folders; ImageFolder layout is ROOT/<class>/<image>")
+    if len(classes) < 2:
+        raise DataError(
+            f"'{root}' has a single class ('{classes[0]}'); classification needs at least two class folders "
+            "(did you point data.root at a class folder instead of its parent?)"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = sorted(
+            entry.name
+            for entry in os.scandir(root / name)
+            if entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS)
+        )
+        if not found:
+            raise DataError(
+                f"class folder '{root / name}' holds no images (extensions {', '.join(IMG_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
+        files.extend(root / name / f for f in found)
+        labels.extend([label] * len(found))
+    return classes, files, labels
+
+
+def _cache_dir(config: DataConfig) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    return Path(os.environ.get("LIBKD_CACHE_DIR", Path.home() / ".cache" / "libkd"))
+
+
+def _decode_all(files: list[Path], load_size: int | None, skip_corrupt: bool, desc: str) -> tuple[list[np.ndarray | None], list[Path]]:
+    def one(path: Path) -> np.ndarray | None:
+        try:
+            return _decode(path, load_size)
+        except CorruptImageError:
+            if skip_corrupt:
+                return None
+            raise
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        decoded = list(tqdm(pool.map(one, files, chunksize=256), total=len(files), desc=desc, unit="img",
+                            disable=len(files) < 2000, leave=False))
+    skipped = [f for f, img in zip(files, decoded) if img is None]
+    return decoded, skipped
+
+
+def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
+    """Read an ImageFolder tree; small images are decoded once and cached as one array."""
+    root = Path(root)
+    classes, files, labels = _scan_folder(root)
+    stats = [f.stat() for f in files]
+    keys = [f"{f.parent.name}/{f.name}:{s.st_size}" for f, s in zip(files, stats)]
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    base = ImageDataset(classes=classes, labels=labels_arr, keys=keys, source_id="imagefolder",
+                        files=files, load_size=config.load_size)
+
+    first = config.load_size or max(_peek_size(files[0]))
+    if first > MAX_CACHED_SIZE:
+        return base  # large images: decoded per item by the DataLoader workers
+
+    # The cache key adds modification times to the fingerprint, so an edited file is re-read.
+    cache_key = hashlib.sha256(
+        f"{base.fingerprint}|{config.load_size}|{config.skip_corrupt}|".encode()
+        + "|".join(str(s.st_mtime_ns) for s in stats).encode()
+    ).hexdigest()[:32]
+    cache = _cache_dir(config) / f"imagefolder-{cache_key}"
+    if (cache / "meta.json").is_file():
+        meta = json.loads((cache / "meta.json").read_text())
+        keep = np.asarray(meta["keep"], dtype=np.int64)
+        images = np.load(cache / "images.npy", mmap_mode="r")
+        ds = base.subset(keep)
+        ds.images, ds.files = images, None
+        ds.skipped = meta["skipped"]  # type: ignore[attr-defined]
+        return ds
+
+    decoded, skipped = _decode_all(files, config.load_size, config.skip_corrupt, f"decoding {root}")
+    keep = [i for i, img in enumerate(decoded) if img is not None]
+    if not keep:
+        raise DataError(f"no readable image in '{root}'")
+    shapes: dict[tuple[int, ...], int] = {}
+    for i in keep:
+        shapes.setdefault(decoded[i].shape, i)  # type: ignore[union-attr]
+    if len(shapes) > 1:
+        (shape_a, ia), (shape_b, ib) = list(shapes.items())[:2]
+        raise DataError(
+            f"images in '{root}' have different sizes: '{files[ia]}' is {shape_a[1]}x{shape_a[0]}, "
+            f"'{files[ib]}' is {shape_b[1]}x{shape_b[0]}; set data.load_size=N to resize every image to NxN on load"
+        )
+    images = np.stack([decoded[i] for i in keep])  # type: ignore[misc]
+    _write_cache(cache, images, keep, [str(f) for f in skipped])
+    ds = base.subset(keep)
+    ds.images, ds.files = np.load(cache / "images.npy", mmap_mode="r"), None
+    ds.skipped = [str(f) for f in skipped]  # type: ignore[attr-defined]
+    return ds
+
+
+def _peek_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CorruptImageError(path, exc) from exc
+
+
+def _write_cache(cache: Path, images: np.ndarray, keep: list[int], skipped: list[str]) -> None:
+    """Write atomically: a half-written cache is never mistaken for a complete one."""
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    np.save(tmp / "images.npy", images)
+    (tmp / "meta.json").write_text(json.dumps({"keep": keep, "skipped": skipped}))
+    try:
+        os.replace(tmp, cache)
+    except OSError:  # another process finished the same cache first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- array sources
+
+
+def _array_dataset(images: np.ndarray, labels: np.ndarray, classes: list[str], source: str) -> ImageDataset:
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.int64)
+    content = hashlib.sha256(images.tobytes()).hexdigest()[:16]
+    return ImageDataset(classes=classes, labels=labels, keys=[str(i) for i in range(len(labels))],
+                        source_id=f"{source}:{content}", images=images)
+
+
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def load_cifar(name: str, root: Path, train: bool, config: DataConfig) -> ImageDataset:
+    """CIFAR-10/100 in the python-pickle layout torchvision downloads.
+
+    ``data.download=true`` fetches it with torchvision (needs the internet); otherwise the batch
+    files are read directly, so a copy made elsewhere works offline.
+    """
+    folder = Path(root) / CIFAR_FOLDERS[name]
+    if config.download and not folder.is_dir():
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        cls(str(root), train=train, download=True)
+    if not folder.is_dir():
+        raise DataError(
+            f"'{folder}' not found: data.root must hold the '{CIFAR_FOLDERS[name]}' folder "
+            "(set data.download=true to fetch it with torchvision, or use data.source=imagefolder for a JPEG tree)"
+        )
+    if name == "cifar10":
+        batches = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        meta_file, names_key, labels_key = "batches.meta", "label_names", "labels"
+    else:
+        batches = ["train"] if train else ["test"]
+        meta_file, names_key, labels_key = "meta", "fine_label_names", "fine_labels"
+    images, labels = [], []
+    for batch in batches:
+        entry = _unpickle(folder / batch)
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(entry[labels_key])
+    classes = [str(c) for c in _unpickle(folder / meta_file)[names_key]]
+    return _array_dataset(np.concatenate(images), np.asarray(labels), classes, name)
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"CIFAR file '{path}' is missing; re-download the data set (data.download=true)")
+    try:
+        with open(path, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise DataError(f"CIFAR file '{path}' is damaged ({exc}); re-download the data set") from exc
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def load_digits(train: bool) -> ImageDataset:
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), shipped with the package.
+
+    Split deterministically: every fifth image (by index) is in the test split.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    gray = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    test = np.arange(len(gray)) % 5 == 0
+    pick = ~test if train else test
+    return _array_dataset(rgb[pick], bunch.target[pick], [str(d) for d in range(10)], "digits")
+
+
+def make_synthetic(num_classes: int, per_class: int, image_size: int, seed: int) -> ImageDataset:
+    """Learnable toy images: each class is a colour and stripe orientation, plus noise."""
+    rng = np.random.default_rng(seed)
+    class_colours = np.random.default_rng(12345).uniform(40, 215, size=(num_classes, 3))
+    yy, xx = np.mgrid[0:image_size, 0:image_size]
+    images, labels = [], []
+    for c in range(num_classes):
+        angle = np.pi * c / num_classes
+        for _ in range(per_class):
+            phase = rng.uniform(0, 2 * np.pi)
+            pattern = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / 5) + phase)
+            img = class_colours[c][None, None, :] + 40 * pattern[..., None] + rng.normal(0, 20, (image_size, image_size, 3))
+            images.append(np.clip(img, 0, 255))
+            labels.append(c)
+    return _array_dataset(np.stack(images).astype(np.uint8), np.asarray(labels),
+                          [f"class{c}" for c in range(num_classes)], f"synthetic{seed}")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def select_subset(labels: np.ndarray, amount: int | float, seed: int) -> np.ndarray:
+    """Indices of a per-class subset: a fraction (0 < f <= 1) or a count per class.
+
+    Every class keeps at least one image; the choice depends only on the labels and the seed.
+    """
+    if isinstance(amount, bool) or amount <= 0:
+        raise DataError(f"data.subset={amount!r}: use a fraction in (0, 1] or a whole number of images per class")
+    if isinstance(amount, float) and amount > 1:
+        raise DataError(f"data.subset={amount}: a fraction must be at most 1 (use an integer for images per class)")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = max(1, round(len(members) * amount)) if isinstance(amount, float) else min(int(amount), len(members))
+        picked.append(rng.permutation(members)[:n])
+    return np.sort(np.concatenate(picked))
+
+
+def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> ImageDataset:
+    """The data set named by ``config`` for ``split`` ('train' or 'val'); subsets apply to train."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    train = split == "train"
+    source = config.source
+    if source == "imagefolder":
+        if not config.root:
+            raise DataError("data.source=imagefolder needs data.root (a folder with one sub-folder per class)")
+        sub = config.train_split if train else config.val_split
+        ds = load_imagefolder(Path(config.root) / sub if sub else Path(config.root), config)
+    elif source in CIFAR_FOLDERS:
+        if not config.root:
+            raise DataError(f"data.source={source} needs data.root (the folder holding '{CIFAR_FOLDERS[source]}')")
+        ds = load_cifar(source, Path(config.root), train, config)
+    elif source == "digits":
+        ds = load_digits(train)
+    elif source == "synthetic":
+        s = config.synthetic
+        ds = make_synthetic(s.num_classes, s.per_class, s.image_size, seed=seed + (0 if train else 1))
+    else:  # pragma: no cover - the config schema rejects other names
+        raise DataError(f"unknown data source '{source}'")
+    if train and config.subset is not None:
+        ds = ds.subset(select_subset(ds.labels, config.subset, config.subset_seed))
+    return ds
+
+
+def parse_dataset_spec(spec: str) -> dict:
+    """``SOURCE[:PATH]`` as written on the command line, as data-config values.
+
+    ``imagefolder:PATH`` names the class-folder root itself; ``cifar10:ROOT`` the folder that holds
+    the batches folder.
+    """
+    source, _, path = spec.partition(":")
+    values: dict = {"source": source}
+    if path:
+        values["root"] = path
+    if source == "imagefolder":
+        values["train_split"] = ""
+    return values

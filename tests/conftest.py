@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Each test decodes into its own cache folder, so tests never see each other's caches."""
+    cache = tmp_path / "libkd-cache"
+    monkeypatch.setenv("LIBKD_CACHE_DIR", str(cache))
+    return cache
+
+
+def write_image(path: Path, size: int | tuple[int, int] = 8, seed: int = 0, fmt: str = "PNG") -> np.ndarray:
+    w, h = (size, size) if isinstance(size, int) else size
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return pixels
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Factory: an ImageFolder tree with ``counts[c]`` PNG images for class c."""
+
+    def make(counts=(3, 4, 5), size=8, name="folder") -> Path:
+        root = tmp_path / name
+        for c, n in enumerate(counts):
+            for i in range(n):
+                write_image(root / f"class{c}" / f"{i:03d}.png", size, seed=100 * c + i)
+        return root
+
+    return make

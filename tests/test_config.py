@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from libkd.cli import main
+from libkd.config import ConfigError, ExperimentConfig, load_config, save_config
+
+
+def test_defaults_load_without_a_file():
+    cfg = load_config()
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.data.source == "digits"
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("seed: 3\ndata:\n  source: synthetic\n  subset: 0.5\n")
+    cfg = load_config(path, ["data.subset=10", "seed=7", "data.synthetic.num_classes=5", "data.skip_corrupt=true"])
+    assert cfg.seed == 7
+    assert cfg.data.source == "synthetic"
+    assert cfg.data.subset == 10 and isinstance(cfg.data.subset, int)
+    assert cfg.data.synthetic.num_classes == 5
+    assert cfg.data.skip_corrupt is True
+
+
+def test_override_values_are_parsed_as_yaml():
+    cfg = load_config(None, ["data.subset=0.1", "data.cache_dir=/tmp/x"])
+    assert cfg.data.subset == pytest.approx(0.1)
+    assert cfg.data.cache_dir == "/tmp/x"
+
+
+def test_unknown_key_names_the_valid_keys_and_a_suggestion():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.subest=0.1"])
+    msg = str(err.value)
+    assert "data.subest" in msg and "did you mean 'subset'" in msg
+    assert "skip_corrupt" in msg and "source" in msg
+
+
+def test_unknown_top_level_key_in_file(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("sed: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'sed'.*did you mean 'seed'"):
+        load_config(path)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="'seed'.*integer"):
+        load_config(None, ["seed=abc"])
+    with pytest.raises(ConfigError, match="'data.source'"):
+        load_config(None, ["data.source=mnist"])
+
+
+def test_section_given_a_scalar():
+    with pytest.raises(ConfigError, match="'data' is a section"):
+        load_config(None, ["data=3"])
+
+
+def test_missing_file_bad_yaml_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["seed"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=5", "data.subset=0.25"])
+    path = save_config(cfg, tmp_path / "run")
+    assert yaml.safe_load(path.read_text())["data"]["subset"] == 0.25
+    assert load_config(path) == cfg
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["data", "info", "synthetic", "--set", "data.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'data.bogus'" in err and "Traceback" not in err
+
+
+def test_cli_shortcut_options_become_overrides(capsys):
+    assert main(["data", "info", "synthetic", "--seed", "4", "--json", "--set", "data.synthetic.per_class=3"]) == 0
+    out = capsys.readouterr().out
+    assert '"images": 12' in out
