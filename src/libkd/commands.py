@@ -63,3 +63,17 @@ def data_info(args: argparse.Namespace) -> int:
         print(f"skipped      {len(info['skipped_corrupt'])} unreadable image(s): {', '.join(info['skipped_corrupt'][:5])}")
     print(f"loaded in    {load_s:.2f} s")
     return 0
+
+
+@command(
+    "train-teacher",
+    help="Train a teacher (any timm CNN, rednet*, ...) with a standard recipe; resumable after a kill.",
+)
+def train_teacher_cmd(args: argparse.Namespace) -> int:
+    from libkd.train_teacher import train_teacher
+
+    config = experiment_config(args)
+    final = train_teacher(config)
+    if final:
+        print(f"saved {config.out}/teacher.safetensors (+ .json): val top-1 {final['val_top1']:.2f}%")
+    return 0

@@ -51,6 +51,49 @@ class DataConfig(Section):
     cache_dir: str | None = None
     download: bool = False
     synthetic: SyntheticConfig = SyntheticConfig()
+    # Model input size; images are resized to it when they differ (None: the data set's own size).
+    image_size: int | None = Field(None, ge=4)
+    # Normalisation (0-1 scale); None: computed from the training split.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+class AugmentConfig(Section):
+    """Standard training augmentation for teachers (crop + flip)."""
+
+    crop: Literal["random_crop", "random_resized_crop", "none"] = "random_crop"
+    crop_padding: int = Field(4, ge=0)
+    scale: tuple[float, float] = (0.35, 1.0)
+    hflip: float = Field(0.5, ge=0, le=1)
+
+
+class ModelConfig(Section):
+    """A network by registered name (any timm model, rednet*, kdvit_*) and its arguments."""
+
+    name: str = "resnet18"
+    cifar_stem: bool = False
+    pretrained: bool = False
+    kwargs: dict[str, Any] = {}
+
+
+class TrainConfig(Section):
+    """Optimisation recipe: SGD or AdamW, linear warm-up then cosine, label smoothing."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    workers: int = Field(0, ge=0)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    # Cap on optimiser steps per epoch (smoke runs); None trains on the whole split.
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    resume: bool = True
 
 
 class ExperimentConfig(Section):
@@ -60,6 +103,9 @@ class ExperimentConfig(Section):
     device: str = "cpu"
     out: str = "runs/default"
     data: DataConfig = DataConfig()
+    teacher: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def _suggest(key: str, valid: list[str]) -> str:

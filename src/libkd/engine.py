@@ -1,0 +1,121 @@
+"""Training and evaluation loops shared by teacher training and (later) distillation."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from libkd import LibkdError
+from libkd.config import TrainConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LibkdError(f"device '{name}' was asked for but no CUDA GPU is visible to torch; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context for ``amp`` ('none', 'bf16', 'fp16')."""
+    if amp == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; norms, biases and tokens are not weight-decayed."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up, then cosine decay to ``min_lr``."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    cfg: TrainConfig,
+    desc: str,
+) -> dict[str, float]:
+    """One pass over ``loader``; ``loss_fn(model, images, labels)`` returns the scalar loss."""
+    model.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    total_loss, seen, steps = 0.0, 0, 0
+    limit = cfg.max_steps_per_epoch or len(loader)
+    start = time.perf_counter()
+    # Off a terminal (logs, CI) the bar still reports, every 30 s.
+    bar = tqdm(total=min(limit, len(loader)), desc=desc, unit="step", leave=False, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    for images, labels in loader:
+        if steps >= limit:
+            break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            loss = loss_fn(model, images, labels)
+        if not torch.isfinite(loss):
+            raise LibkdError(f"{desc}: loss became {loss.item()} at step {steps}; lower train.lr or disable train.amp")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        steps += 1
+        seen += images.shape[0]
+        total_loss += loss.item() * images.shape[0]
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return {"train_loss": total_loss / max(1, seen), "images_per_s": seen / elapsed, "train_seconds": elapsed,
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: str = "none") -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model``'s output."""
+    model.eval()
+    correct1 = correct5 = seen = 0
+    loss_sum = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast(device, amp):
+            logits = model(images).float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        seen += labels.shape[0]
+    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "loss": loss_sum / seen}

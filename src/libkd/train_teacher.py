@@ -1,0 +1,151 @@
+"""``libkd train-teacher``: train a convolution or involution teacher with a standard recipe.
+
+Outputs in ``out/``: ``teacher.safetensors`` + ``teacher.json`` (rebuilds the model alone),
+``metrics.jsonl`` (one line per epoch), ``config.yaml`` (the resolved config) and
+``last_state.pt`` (everything needed to resume after a kill; the run resumes from its last
+complete epoch and, on CPU with a seed, ends with the same weights as an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from libkd import LibkdError
+from libkd.config import ExperimentConfig, save_config
+from libkd.data import ImageDataset, build_dataset
+from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
+from libkd.engine import build_optimizer, build_scheduler, evaluate, resolve_device, train_one_epoch
+from libkd.models import count_parameters, create_model, save_checkpoint
+
+STATE_FILE = "last_state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_splits(cfg: ExperimentConfig) -> tuple[ImageDataset, ImageDataset]:
+    """Train and validation splits, checked to share their classes."""
+    train = build_dataset(cfg.data, "train", seed=cfg.seed)
+    val = build_dataset(cfg.data, "val", seed=cfg.seed)
+    if train.classes != val.classes:
+        raise LibkdError(
+            f"train and validation splits have different classes ({train.num_classes} vs {val.num_classes}: "
+            f"{sorted(set(train.classes) ^ set(val.classes))[:5]} differ); both split folders need the same class folders"
+        )
+    return train, val
+
+
+def input_spec(cfg: ExperimentConfig, train: ImageDataset) -> dict[str, Any]:
+    """Input size and normalisation: from the config, else from the training split."""
+    size = train.image_size
+    if size is None and cfg.data.image_size is None:
+        raise LibkdError("images in this data set have mixed sizes; set data.image_size=N (the model input size)")
+    source = size[0] if size else cfg.data.image_size
+    if size and size[0] != size[1] and cfg.data.image_size is None:
+        raise LibkdError(f"images are {size[1]}x{size[0]} (not square); set data.image_size=N to resize them")
+    mean, std = (cfg.data.mean, cfg.data.std) if cfg.data.mean and cfg.data.std else train.mean_std()
+    return {"input_size": cfg.data.image_size or source, "source_size": source, "mean": list(mean), "std": list(std)}
+
+
+def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec: dict[str, Any]):
+    size, src, mean, std = spec["input_size"], spec["source_size"], spec["mean"], spec["std"]
+    generator = torch.Generator()
+    train_loader = torch.utils.data.DataLoader(
+        TransformedDataset(train, train_transform(cfg.augment, size, src, mean, std)),
+        batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train) > cfg.train.batch_size,
+        num_workers=cfg.train.workers, generator=generator, persistent_workers=False,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        TransformedDataset(val, eval_transform(size, src, mean, std)),
+        batch_size=cfg.train.eval_batch_size, num_workers=cfg.train.workers,
+    )
+    return train_loader, val_loader, generator
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _run_identity(cfg: ExperimentConfig, train: ImageDataset) -> dict[str, Any]:
+    """What must not change between a run and its resumption."""
+    return {"dataset": train.fingerprint, "teacher": cfg.teacher.model_dump(), "train": cfg.train.model_dump(exclude={"resume", "workers"}),
+            "augment": cfg.augment.model_dump(), "seed": cfg.seed}
+
+
+def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    train, val = load_splits(cfg)
+    spec = input_spec(cfg, train)
+    model = create_model(cfg.teacher.name, train.num_classes, cifar_stem=cfg.teacher.cifar_stem,
+                         pretrained=cfg.teacher.pretrained, **cfg.teacher.kwargs).to(device)
+    arch = {"name": cfg.teacher.name, "num_classes": train.num_classes, "cifar_stem": cfg.teacher.cifar_stem,
+            "kwargs": cfg.teacher.kwargs}
+    train_loader, val_loader, generator = _loaders(cfg, train, val, spec)
+    steps = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    identity = _run_identity(cfg, train)
+
+    start_epoch, history = 0, []
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        if not cfg.train.resume:
+            raise LibkdError(f"'{out}' already holds a run; pick another --out, delete it, or set train.resume=true to continue it")
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["identity"] != identity:
+            changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+            raise LibkdError(f"'{out}' holds a run with a different {', '.join(changed)}; use another --out or delete '{state_path}'")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+        print(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
+    save_config(cfg, out)
+    print(f"teacher {cfg.teacher.name}: {count_parameters(model) / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val "
+          f"images, {train.num_classes} classes, input {spec['input_size']} px, {device}")
+
+    loss_fn = lambda m, x, y: criterion(m(x), y)  # noqa: E731
+    for epoch in range(start_epoch, cfg.train.epochs):
+        # Seeding per epoch makes a resumed run draw the same batches and augmentations.
+        seed_everything(cfg.seed * 1000 + epoch)
+        generator.manual_seed(cfg.seed * 1000 + epoch)
+        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, cfg.train,
+                                desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+        stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, cfg.train.amp).items()})
+        stats["epoch"] = epoch + 1
+        history.append(stats)
+        print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f}  "
+              f"top-5 {stats['val_top5']:.2f}  {stats['images_per_s']:.0f} img/s")
+        _save_teacher(model, out, arch, spec, train, stats, cfg)
+        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
+        tmp = out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+        os.replace(tmp, out / "metrics.jsonl")
+    return history[-1] if history else {}
+
+
+def _save_teacher(model: nn.Module, out: Path, arch: dict, spec: dict, train: ImageDataset, stats: dict, cfg: ExperimentConfig) -> None:
+    save_checkpoint(
+        model, out / "teacher", arch,
+        input_size=spec["input_size"], mean=spec["mean"], std=spec["std"],
+        dataset={"fingerprint": train.fingerprint, "source": cfg.data.source, "classes": train.classes},
+        metrics={"epoch": stats["epoch"], "val_top1": stats["val_top1"], "val_top5": stats["val_top5"]},
+    )

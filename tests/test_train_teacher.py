@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from libkd import LibkdError
+from libkd.cli import main
+from libkd.config import load_config
+from libkd.models import build_from_checkpoint
+from libkd.train_teacher import train_teacher
+
+SMOKE = [
+    "data.source=synthetic", "data.synthetic.per_class=24", "data.synthetic.image_size=16",
+    "teacher.name=resnet18", "teacher.cifar_stem=true", "teacher.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
+    "train.batch_size=16", "train.lr=0.05", "train.warmup_epochs=0.5", "augment.crop_padding=2",
+]
+
+
+def smoke_config(out: Path, *extra: str):
+    return load_config(None, SMOKE + [f"out={out}", *extra])
+
+
+def test_teacher_learns_and_writes_its_outputs(tmp_path):
+    final = train_teacher(smoke_config(tmp_path / "run", "train.epochs=4"))
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] * 0.8
+    assert final["val_top1"] > 50.0  # 4 classes: chance is 25 %
+    model, meta = build_from_checkpoint(tmp_path / "run" / "teacher")
+    assert meta["arch"]["name"] == "resnet18" and meta["arch"]["num_classes"] == 4
+    assert meta["input_size"] == 16 and len(meta["mean"]) == 3
+    assert meta["dataset"]["classes"] == ["class0", "class1", "class2", "class3"]
+    assert meta["metrics"]["val_top1"] == pytest.approx(final["val_top1"])
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 4 and saved["data"]["source"] == "synthetic"
+
+
+def _run_cli(out: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "libkd", "train-teacher", "--out", str(out)]
+    for item in SMOKE + list(extra):
+        args += ["--set", item]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    extra = ("train.epochs=3", "data.synthetic.per_class=48")
+    reference = _run_cli(tmp_path / "ref", *extra)
+    assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()
+
+    victim = _run_cli(tmp_path / "killed", *extra)
+    state = tmp_path / "killed" / "last_state.pt"
+    deadline = time.time() + 240
+    while not state.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = _run_cli(tmp_path / "killed", *extra)
+    output = resumed.communicate(timeout=300)[0].decode()
+    assert resumed.returncode == 0, output
+    assert "resuming" in output
+    ref_w = load_file(str(tmp_path / "ref" / "teacher.safetensors"))
+    new_w = load_file(str(tmp_path / "killed" / "teacher.safetensors"))
+    assert ref_w.keys() == new_w.keys()
+    assert all((ref_w[k] == new_w[k]).all() for k in ref_w)
+    assert len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    train_teacher(smoke_config(tmp_path / "run", "train.epochs=1"))
+    with pytest.raises(LibkdError, match="different train"):
+        train_teacher(smoke_config(tmp_path / "run", "train.epochs=1", "train.lr=0.01"))
+    with pytest.raises(LibkdError, match="already holds a run"):
+        train_teacher(smoke_config(tmp_path / "run", "train.epochs=1", "train.resume=false"))
+
+
+def test_train_and_val_with_different_classes(tmp_path, image_folder):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(image_folder(counts=(2, 2), name="a"), root / "train")
+    shutil.copytree(image_folder(counts=(2, 2, 2), name="b"), root / "test")
+    cfg = load_config(None, [f"out={tmp_path / 'o'}", "data.source=imagefolder", f"data.root={root}"])
+    with pytest.raises(LibkdError, match="different classes"):
+        train_teacher(cfg)
+
+
+def test_cli_train_teacher_reports_bad_model(tmp_path, capsys):
+    code = main(["train-teacher", "--out", str(tmp_path / "o"), "--set", "data.source=synthetic", "--set", "teacher.name=resnet181"])
+    assert code == 2
+    assert "unknown model 'resnet181'" in capsys.readouterr().err
