@@ -77,3 +77,66 @@ def train_teacher_cmd(args: argparse.Namespace) -> int:
     if final:
         print(f"saved {config.out}/teacher.safetensors (+ .json): val top-1 {final['val_top1']:.2f}%")
     return 0
+
+
+@command(
+    "precompute",
+    help="Run the teachers once over V replayable views of every training image and write the logit store "
+    "(resumable; shards across processes under torchrun).",
+)
+def precompute_cmd(args: argparse.Namespace) -> int:
+    from libkd.config import save_config
+    from libkd.store.precompute import precompute
+
+    config = experiment_config(args)
+    stats = precompute(config)
+    if stats.get("images"):
+        save_config(config, config.store.path)
+        print(f"store '{config.store.path}': {stats['images']} views in {stats['seconds']:.1f} s "
+              f"({stats['images_per_s']:.0f} views/s)")
+    return 0
+
+
+@command(
+    "store info",
+    help="Print a store's manifest summary and size.",
+    arguments=[arg("path", help="store folder"), arg("--json", action="store_true", help="print the whole manifest")],
+    uses_config=False,
+)
+def store_info(args: argparse.Namespace) -> int:
+    from libkd.store import LogitStore, read_manifest
+
+    manifest = read_manifest(args.path)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    done = len(manifest.get("shards", []))
+    print(f"store        {args.path} ({'complete' if manifest.get('complete') else 'INCOMPLETE: rerun precompute'})")
+    print(f"data set     {manifest['dataset']['num_samples']} samples, {manifest['dataset']['num_classes']} classes, "
+          f"fingerprint {manifest['dataset']['fingerprint'][:16]}")
+    for t, teacher in enumerate(manifest["teachers"]):
+        kind = manifest.get("teacher_kinds", ["?"] * (t + 1))[t]
+        print(f"teacher {t}    {teacher['name']} ({kind}), weights {teacher['weights_sha256'][:16]}")
+    print(f"views        {manifest['views']} per sample, {manifest['image_size']} px, augmentation {manifest['augmentation']['sha256'][:16]}")
+    enc = manifest["encoding"] + (f" k={manifest['topk']}" if manifest.get("topk") else "")
+    print(f"encoding     {enc}: {manifest['record_bytes']} bytes per sample per view per teacher")
+    if manifest.get("complete"):
+        size = LogitStore(args.path).nbytes()
+        print(f"shards       {done} x {len(manifest['teachers'])} files, {size / 2**20:.2f} MiB")
+    return 0
+
+
+@command(
+    "store verify",
+    help="Check every shard checksum, then recompute a random sample of records with the teachers.",
+    arguments=[arg("path", help="store folder"), arg("--samples", type=int, default=64, help="records to recompute (default 64)"),
+               arg("--device", default="cpu"), arg("--seed", type=int, default=0)],
+    uses_config=False,
+)
+def store_verify(args: argparse.Namespace) -> int:
+    from libkd.store.precompute import verify_store
+
+    result = verify_store(args.path, args.samples, args.device, args.seed)
+    print(f"store '{args.path}' OK: {result['shard_files']} shard files match their checksums; "
+          f"{result['checked_records']} recomputed records agree (max |diff| {result['max_abs_diff']:.3g})")
+    return 0

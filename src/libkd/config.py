@@ -67,6 +67,42 @@ class AugmentConfig(Section):
     hflip: float = Field(0.5, ge=0, le=1)
 
 
+RANDAUG_OPS = ["autocontrast", "brightness", "color", "contrast", "equalize", "identity", "posterize", "rotate",
+               "sharpness", "shear_x", "shear_y", "solarize", "translate_x", "translate_y"]
+
+
+class ReplayConfig(Section):
+    """Replayable augmentation recipe (fingerprinted in stores): crop, flip, RandAugment, jitter, erase, mix."""
+
+    enabled: bool = True  # false: resize + normalise only (the naive single-view baseline)
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip: float = Field(0.5, ge=0, le=1)
+    randaug_n: int = Field(2, ge=0)
+    randaug_m: float = Field(9.0, ge=0, le=30)
+    randaug_ops: list[Literal[tuple(RANDAUG_OPS)]] = list(RANDAUG_OPS)  # type: ignore[valid-type]
+    color_jitter: float = Field(0.0, ge=0)
+    erase_prob: float = Field(0.25, ge=0, le=1)
+    mixup_alpha: float = Field(0.8, ge=0)
+    cutmix_alpha: float = Field(1.0, ge=0)
+    mix_prob: float = Field(1.0, ge=0, le=1)
+    switch_prob: float = Field(0.5, ge=0, le=1)
+
+
+class StoreConfig(Section):
+    """Teacher-logit store: which teachers, how many views, how encoded, where."""
+
+    path: str = "runs/store"
+    teachers: list[str] = []  # teacher checkpoints (NAME.safetensors / NAME.json)
+    views: int = Field(4, ge=1)
+    encoding: Literal["fp16", "topk"] = "fp16"
+    topk: int = Field(10, ge=1)
+    shard_size: int = Field(2048, ge=1)
+    batch_size: int = Field(256, ge=1)
+    workers: int = Field(0, ge=0)
+    verify_samples: int = Field(64, ge=1)
+
+
 class ModelConfig(Section):
     """A network by registered name (any timm model, rednet*, kdvit_*) and its arguments."""
 
@@ -106,6 +142,8 @@ class ExperimentConfig(Section):
     teacher: ModelConfig = ModelConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
+    replay: ReplayConfig = ReplayConfig()
+    store: StoreConfig = StoreConfig()
 
 
 def _suggest(key: str, valid: list[str]) -> str:

@@ -1,0 +1,212 @@
+"""Replayable augmentation: every random choice comes from a seed derived from (base seed, sample, view).
+
+``ReplayAugment(dataset, recipe, ...)(index, view)`` returns the same tensor, bit for bit, in any
+process, worker, batch or order, because nothing reads global RNG state. This is what lets a
+teacher's logits be computed once per (sample, view) and stored: training rebuilds the exact view.
+
+Mixup / CutMix are drawn per sample too: the partner index, the ratio and the box come from the
+sample's own seed, and the partner is its own view ``(partner, view)``. So a stored logit vector
+is the teacher's output on the exact mixed image, independent of how batches are formed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+
+from libkd.config import RANDAUG_OPS as CONFIG_OPS
+from libkd.config import ReplayConfig
+from libkd.data.datasets import ImageDataset
+
+# RandAugment-style ops: name -> (magnitude at m=10, signed). Magnitudes follow timm's scale.
+RANDAUG_OPS: dict[str, tuple[float, bool]] = {
+    "identity": (0.0, False),
+    "autocontrast": (0.0, False),
+    "equalize": (0.0, False),
+    "rotate": (30.0, True),
+    "solarize": (256.0, False),  # threshold falls from 256 towards 0 with magnitude
+    "color": (0.9, True),
+    "posterize": (4.0, False),  # bits removed
+    "contrast": (0.9, True),
+    "brightness": (0.9, True),
+    "sharpness": (0.9, True),
+    "shear_x": (0.3, True),
+    "shear_y": (0.3, True),
+    "translate_x": (0.45, True),
+    "translate_y": (0.45, True),
+}
+assert sorted(RANDAUG_OPS) == sorted(CONFIG_OPS), "config.RANDAUG_OPS and replay.RANDAUG_OPS must name the same ops"
+
+
+def recipe_hash(recipe: ReplayConfig) -> str:
+    """sha256 of the recipe's canonical JSON: stores record it and refuse a different one."""
+    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def view_rng(seed: int, index: int, view: int, stream: int) -> np.random.Generator:
+    """The generator for one (sample, view); ``stream`` separates the base view from the mixing draw."""
+    return np.random.default_rng([seed, index, view, stream])
+
+
+@dataclass
+class ReplayedView:
+    image: torch.Tensor  # float32 (3, S, S), normalised
+    partner: int  # the mixed-in sample (== index when not mixed)
+    lam: float  # weight of the sample's own label; 1 - lam goes to the partner's
+
+
+class ReplayAugment:
+    """Builds view ``view`` of sample ``index`` of ``dataset`` deterministically from ``seed``."""
+
+    def __init__(self, dataset: ImageDataset, recipe: ReplayConfig, seed: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.dataset, self.recipe, self.seed, self.size = dataset, recipe, seed, image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, index: int, view: int) -> ReplayedView:
+        image = self.base_view(index, view)
+        r = self.recipe
+        if not r.enabled or len(self.dataset) < 2 or (r.mixup_alpha <= 0 and r.cutmix_alpha <= 0):
+            return ReplayedView(image, index, 1.0)
+        rng = view_rng(self.seed, index, view, 1)
+        if rng.random() >= r.mix_prob:
+            return ReplayedView(image, index, 1.0)
+        partner = int(rng.integers(len(self.dataset) - 1))
+        partner += partner >= index  # never the sample itself
+        other = self.base_view(partner, view)
+        use_cutmix = r.cutmix_alpha > 0 and (r.mixup_alpha <= 0 or rng.random() < r.switch_prob)
+        if use_cutmix:
+            lam = float(rng.beta(r.cutmix_alpha, r.cutmix_alpha))
+            cut = math.sqrt(1.0 - lam)
+            h = w = self.size
+            ch, cw = int(h * cut), int(w * cut)
+            cy, cx = int(rng.integers(h)), int(rng.integers(w))
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            image = image.clone()
+            image[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+        else:
+            lam = float(rng.beta(r.mixup_alpha, r.mixup_alpha))
+            image = image * lam + other * (1.0 - lam)
+        return ReplayedView(image, partner, lam)
+
+    def base_view(self, index: int, view: int) -> torch.Tensor:
+        """The un-mixed augmented view: crop, flip, RandAugment, colour jitter, normalise, erase."""
+        img = torch.from_numpy(np.array(self.dataset.load_image(index))).permute(2, 0, 1).contiguous()
+        r = self.recipe
+        if not r.enabled:
+            return self._normalise(self._resize(img))
+        rng = view_rng(self.seed, index, view, 0)
+        img = self._random_resized_crop(img, rng)
+        if rng.random() < r.hflip:
+            img = F.horizontal_flip(img)
+        for _ in range(r.randaug_n):
+            img = self._randaug_op(img, r.randaug_ops[int(rng.integers(len(r.randaug_ops)))], rng)
+        if r.color_jitter > 0:
+            lo, hi = max(0.0, 1 - r.color_jitter), 1 + r.color_jitter
+            img = F.adjust_brightness(img, float(rng.uniform(lo, hi)))
+            img = F.adjust_contrast(img, float(rng.uniform(lo, hi)))
+            img = F.adjust_saturation(img, float(rng.uniform(lo, hi)))
+        out = self._normalise(img)
+        if r.erase_prob > 0 and rng.random() < r.erase_prob:
+            out = self._erase(out, rng)
+        return out
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _resize(self, img: torch.Tensor) -> torch.Tensor:
+        if img.shape[-1] != self.size or img.shape[-2] != self.size:
+            img = F.resize(img, [self.size, self.size], antialias=True)
+        return img
+
+    def _normalise(self, img: torch.Tensor) -> torch.Tensor:
+        return (img.to(torch.float32) / 255.0 - self.mean) / self.std
+
+    def _random_resized_crop(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        height, width = img.shape[-2:]
+        lo, hi = self.recipe.crop_scale
+        area = height * width
+        log_ratio = (math.log(self.recipe.crop_ratio[0]), math.log(self.recipe.crop_ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(lo, hi)
+            ratio = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * ratio)))
+            h = int(round(math.sqrt(target / ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                return F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        return self._resize(img)  # fall back to the whole image
+
+    def _randaug_op(self, img: torch.Tensor, name: str, rng: np.random.Generator) -> torch.Tensor:
+        top, signed = RANDAUG_OPS[name]
+        magnitude = top * self.recipe.randaug_m / 10.0
+        if signed and rng.random() < 0.5:
+            magnitude = -magnitude
+        size = img.shape[-1]
+        if name == "identity":
+            return img
+        if name == "autocontrast":
+            return F.autocontrast(img)
+        if name == "equalize":
+            return F.equalize(img)
+        if name == "rotate":
+            return F.rotate(img, magnitude, fill=[128.0] * 3)
+        if name == "solarize":
+            return F.solarize(img, max(0.0, 256.0 - magnitude))
+        if name == "posterize":
+            return F.posterize(img, max(1, 8 - int(magnitude)))
+        if name == "color":
+            return F.adjust_saturation(img, 1.0 + magnitude)
+        if name == "contrast":
+            return F.adjust_contrast(img, 1.0 + magnitude)
+        if name == "brightness":
+            return F.adjust_brightness(img, 1.0 + magnitude)
+        if name == "sharpness":
+            return F.adjust_sharpness(img, 1.0 + magnitude)
+        shear = [math.degrees(math.atan(magnitude)), 0.0] if name == "shear_x" else [0.0, math.degrees(math.atan(magnitude))]
+        if name.startswith("shear"):
+            return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=[128.0] * 3)
+        shift = int(round(magnitude * size))
+        translate = [shift, 0] if name == "translate_x" else [0, shift]
+        return F.affine(img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], fill=[128.0] * 3)
+
+    def _erase(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        _, height, width = img.shape
+        for _ in range(10):
+            target = height * width * rng.uniform(0.02, 1 / 3)
+            ratio = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+            h = int(round(math.sqrt(target * ratio)))
+            w = int(round(math.sqrt(target / ratio)))
+            if 0 < h < height and 0 < w < width:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                noise = torch.from_numpy(rng.standard_normal((3, h, w)).astype(np.float32))
+                return F.erase(img, top, left, h, w, noise)
+        return img
+
+
+class ReplayDataset(torch.utils.data.Dataset):
+    """(image, label, partner label, lam, index) for a fixed view: what precompute and training read."""
+
+    def __init__(self, augment: ReplayAugment, view: int, indices: Sequence[int] | None = None):
+        self.augment, self.view = augment, view
+        self.indices = np.arange(len(augment.dataset)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = int(self.indices[position])
+        out = self.augment(index, self.view)
+        labels = self.augment.dataset.labels
+        return out.image, int(labels[index]), int(labels[out.partner]), out.lam, index

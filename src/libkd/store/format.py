@@ -1,0 +1,167 @@
+"""The logit store on disk: a JSON manifest plus one memory-mapped NumPy shard per (teacher, sample range).
+
+    STORE/manifest.json            format, fingerprints, recipe, encoding, per-shard checksums
+    STORE/shards/t{T}-{S:05d}.npy  records of teacher T for samples [start, stop) of shard S,
+                                   shape (views, stop - start), dtype from ``codec.record_dtype``
+    STORE/shards/{S:05d}.done.json shard S's checksums (written last: the shard is complete)
+
+A record is keyed by (sample index, view); training at epoch e reads view e mod V.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from libkd import LibkdError
+from libkd.store.codec import decode, record_dtype
+
+FORMAT = "libkd-store/1"
+# Manifest fields that must match between a store and the run that uses (or resumes) it.
+IDENTITY_FIELDS = ("dataset", "teachers", "augmentation", "image_size", "mean", "std", "views", "encoding", "topk", "shard_size")
+
+
+class StoreError(LibkdError):
+    """A store that is missing, incomplete, damaged, or built for something else."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_file(root: Path, teacher: int, shard: int) -> Path:
+    return root / "shards" / f"t{teacher}-{shard:05d}.npy"
+
+
+def done_file(root: Path, shard: int) -> Path:
+    return root / "shards" / f"{shard:05d}.done.json"
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(value, indent=1, sort_keys=True))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise StoreError(f"no store at '{root}' (manifest.json missing); build one with `libkd precompute`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"'{path}' is not valid JSON ({exc}); rebuild the store") from exc
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"'{path}' is not a {FORMAT} manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def identity_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two manifests' identity fields."""
+    problems = []
+    for key in IDENTITY_FIELDS:
+        if key not in expected or stored.get(key) == expected[key]:
+            continue
+        if key == "teachers" and isinstance(stored.get(key), list) and len(stored[key]) == len(expected[key]):
+            for i, (a, b) in enumerate(zip(stored[key], expected[key])):
+                for field in sorted(set(a) | set(b)):
+                    if a.get(field) != b.get(field):
+                        problems.append(f"teacher {i} {field}: store has {_short(a.get(field))}, this run has {_short(b.get(field))}")
+        elif key in ("dataset", "augmentation") and isinstance(stored.get(key), dict):
+            for field in sorted(set(stored[key]) | set(expected[key])):
+                if stored[key].get(field) != expected[key].get(field):
+                    problems.append(f"{key} {field}: store has {_short(stored[key].get(field))}, this run has {_short(expected[key].get(field))}")
+        else:
+            problems.append(f"{key}: store has {_short(stored.get(key))}, this run has {_short(expected[key])}")
+    return problems
+
+
+class LogitStore:
+    """Read access to a complete store: ``read(indices, view)`` gathers a batch for every teacher."""
+
+    def __init__(self, root: str | Path, expected: dict[str, Any] | None = None, verify: str = "size"):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        if not self.manifest.get("complete"):
+            raise StoreError(f"store '{self.root}' is incomplete (precompute was interrupted); rerun the same `libkd precompute` to finish it")
+        if expected is not None:
+            problems = identity_differences(self.manifest, expected)
+            if problems:
+                raise StoreError(
+                    f"store '{self.root}' does not match this run: " + "; ".join(problems)
+                    + ". Rebuild it with `libkd precompute` (same config) or point store.path at a matching store"
+                )
+        m = self.manifest
+        self.views, self.shard_size = m["views"], m["shard_size"]
+        self.num_samples, self.num_classes = m["dataset"]["num_samples"], m["dataset"]["num_classes"]
+        self.num_teachers = len(m["teachers"])
+        self.dtype = record_dtype(m["encoding"], self.num_classes, m["topk"] or 0)
+        self.shards: list[list[np.ndarray]] = []  # [teacher][shard] -> memmap (views, n)
+        for t in range(self.num_teachers):
+            self.shards.append([self._open(t, entry, verify) for entry in m["shards"]])
+
+    def _open(self, teacher: int, entry: dict[str, Any], verify: str) -> np.ndarray:
+        path = shard_file(self.root, teacher, entry["index"])
+        info = entry["files"][str(teacher)]
+        if not path.is_file():
+            raise StoreError(f"shard file '{path}' is missing; rebuild the store (`libkd precompute`)")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise StoreError(f"shard file '{path}' is truncated or damaged: {size} bytes, the manifest says {info['bytes']}; "
+                             "delete it and its .done.json, then rerun `libkd precompute` to rebuild that shard")
+        if verify == "full" and sha256_file(path) != info["sha256"]:
+            raise StoreError(f"shard file '{path}' is corrupted (sha256 differs from the manifest); "
+                             "delete it and its .done.json, then rerun `libkd precompute` to rebuild that shard")
+        array = np.load(path, mmap_mode="r")
+        expected_shape = (self.views, entry["stop"] - entry["start"])
+        if array.shape != expected_shape or array.dtype != self.dtype:
+            raise StoreError(f"shard file '{path}' holds {array.shape} {array.dtype}, expected {expected_shape} {self.dtype}")
+        return array
+
+    def verify_checksums(self) -> list[str]:
+        """Paths of shard files whose sha256 differs from the manifest (empty when all are intact)."""
+        bad = []
+        for entry in self.manifest["shards"]:
+            for t in range(self.num_teachers):
+                path = shard_file(self.root, t, entry["index"])
+                if sha256_file(path) != entry["files"][str(t)]["sha256"]:
+                    bad.append(str(path))
+        return bad
+
+    def records(self, indices: np.ndarray, view: int, teacher: int) -> np.ndarray:
+        """Raw records for samples ``indices`` at view ``view mod V``: one gather per touched shard."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
+            raise StoreError(f"sample index out of range for a store of {self.num_samples} samples")
+        v = view % self.views
+        out = np.empty(len(indices), dtype=self.dtype)
+        shard_ids = indices // self.shard_size
+        for shard in np.unique(shard_ids):
+            mask = shard_ids == shard
+            out[mask] = self.shards[teacher][shard][v, indices[mask] - shard * self.shard_size]
+        return out
+
+    def read(self, indices: np.ndarray, view: int) -> list[torch.Tensor]:
+        """Decoded teacher outputs (B, C) per teacher: logits (fp16 store) or log-probabilities (top-k)."""
+        return [decode(self.records(indices, view, t), self.num_classes) for t in range(self.num_teachers)]
+
+    def nbytes(self) -> int:
+        return sum(f["bytes"] for entry in self.manifest["shards"] for f in entry["files"].values())

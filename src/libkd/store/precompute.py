@@ -1,0 +1,279 @@
+"""``libkd precompute``: run each teacher once over V replayable views of every training sample.
+
+Shards are written atomically (temporary file, fsync, rename, then the shard's .done.json), so a
+killed run resumes from its last complete shard and ends with the same bytes as an uninterrupted
+one. Under ``torchrun --nproc_per_node=N`` rank r builds shards r, r + N, ... (gloo on CPU, NCCL on
+GPU) and rank 0 writes the manifest; the result is the same store as one process writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from libkd import LibkdError, __version__
+from libkd.config import DataConfig, ExperimentConfig, ReplayConfig
+from libkd.data import ImageDataset, build_dataset
+from libkd.data.replay import ReplayAugment, ReplayDataset, recipe_hash
+from libkd.engine import resolve_device
+from libkd.models import build_from_checkpoint, teacher_kind
+from libkd.store.codec import decode, encode, record_dtype
+from libkd.store.format import (
+    FORMAT,
+    IDENTITY_FIELDS,
+    LogitStore,
+    StoreError,
+    done_file,
+    identity_differences,
+    read_manifest,
+    sha256_file,
+    shard_file,
+    write_json_atomic,
+)
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    path: str
+
+    def prepare(self, images: torch.Tensor, mean: list[float], std: list[float], size: int) -> torch.Tensor:
+        """Re-normalise and resize the store's view to what this teacher was trained on."""
+        t_mean, t_std = self.meta.get("mean", mean), self.meta.get("std", std)
+        if t_mean != mean or t_std != std:
+            m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+            tm, ts = torch.tensor(t_mean).view(1, 3, 1, 1), torch.tensor(t_std).view(1, 3, 1, 1)
+            images = (images * s + m - tm) / ts
+        t_size = self.meta.get("input_size", size)
+        if t_size != size:
+            images = F.interpolate(images, size=(t_size, t_size), mode="bilinear", align_corners=False, antialias=True)
+        return images
+
+
+def load_teachers(paths: list[str], classes: list[str], device: torch.device) -> list[Teacher]:
+    if not paths:
+        raise LibkdError("store.teachers is empty; name the teacher checkpoints, e.g. "
+                         "--set 'store.teachers=[runs/cifar10-resnet-teacher/teacher, runs/cifar10-rednet-teacher/teacher]'")
+    teachers = []
+    for path in paths:
+        model, meta = build_from_checkpoint(path, device)
+        theirs = meta.get("dataset", {}).get("classes")
+        if meta["arch"]["num_classes"] != len(classes) or (theirs is not None and theirs != classes):
+            raise LibkdError(
+                f"teacher '{path}' predicts {meta['arch']['num_classes']} classes"
+                + (f" ({', '.join(theirs[:4])}, ...)" if theirs else "")
+                + f" but the data set has {len(classes)} ({', '.join(classes[:4])}, ...); use teachers trained on these classes"
+            )
+        teachers.append(Teacher(model.eval(), meta, str(path)))
+    return teachers
+
+
+def view_spec(data: DataConfig, dataset: ImageDataset) -> tuple[int, list[float], list[float]]:
+    """Image size and normalisation of the stored views (config first, else the data set's own)."""
+    size = data.image_size or (dataset.image_size[0] if dataset.image_size else None)
+    if size is None:
+        raise LibkdError("images have mixed sizes; set data.image_size=N for the stored views")
+    mean, std = (data.mean, data.std) if data.mean and data.std else dataset.mean_std()
+    return size, list(mean), list(std)
+
+
+def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[Teacher], size: int,
+                   mean: list[float], std: list[float]) -> dict[str, Any]:
+    """The manifest fields that say what a store was built from (compared on resume and on use)."""
+    return {
+        "dataset": {"fingerprint": dataset.fingerprint, "num_samples": len(dataset), "num_classes": dataset.num_classes},
+        "teachers": [{"name": t.meta["arch"]["name"], "weights_sha256": t.meta["weights_sha256"],
+                      "num_classes": t.meta["arch"]["num_classes"]} for t in teachers],
+        "augmentation": {"sha256": recipe_hash(cfg.replay), "seed": cfg.seed},
+        "image_size": size, "mean": mean, "std": std,
+        "views": cfg.store.views, "encoding": cfg.store.encoding,
+        "topk": cfg.store.topk if cfg.store.encoding == "topk" else None,
+        "shard_size": cfg.store.shard_size,
+    }
+
+
+def _dist_setup(cfg: ExperimentConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg.device)
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # per-sample ops on small images: threads only add overhead
+
+
+def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Build (or finish) the store at ``cfg.store.path``; returns the build statistics."""
+    rank, world, device = _dist_setup(cfg)
+    root = Path(cfg.store.path)
+    dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
+    teachers = load_teachers(cfg.store.teachers, dataset.classes, device)
+    size, mean, std = view_spec(cfg.data, dataset)
+    identity = store_identity(cfg, dataset, teachers, size, mean, std)
+    num_shards = math.ceil(len(dataset) / cfg.store.shard_size)
+    dtype = record_dtype(cfg.store.encoding, dataset.num_classes, cfg.store.topk)
+
+    manifest_path = root / "manifest.json"
+    if manifest_path.is_file():
+        existing = read_manifest(root)
+        problems = identity_differences(existing, identity)
+        if problems:
+            raise StoreError(f"'{root}' holds a store built from something else: " + "; ".join(problems)
+                             + ". Use another store.path, or delete that folder to rebuild it")
+        if existing.get("complete"):
+            if rank == 0:
+                print(f"store '{root}' is already complete ({len(existing['shards'])} shards)")
+            return {"skipped": True}
+    _barrier()
+    if rank == 0:
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(manifest_path, {
+            "format": FORMAT, "libkd_version": __version__, "complete": False, **identity,
+            "data_config": cfg.data.model_dump(mode="json"), "replay": cfg.replay.model_dump(mode="json"),
+            "dataset_classes": dataset.classes, "teacher_checkpoints": [t.path for t in teachers],
+            "teacher_kinds": [teacher_kind(t.model) for t in teachers], "record_bytes": dtype.itemsize,
+            "num_shards": num_shards,
+        })
+    _barrier()
+
+    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std)
+    mine = [s for s in range(rank, num_shards, world) if not done_file(root, s).is_file()]
+    total = sum(min(len(dataset), (s + 1) * cfg.store.shard_size) - s * cfg.store.shard_size for s in mine) * cfg.store.views
+    done_before = len([s for s in range(rank, num_shards, world)]) - len(mine)
+    if rank == 0 and done_before:
+        print(f"resuming '{root}': {done_before} shard(s) already complete")
+    bar = tqdm(total=total, desc=f"precompute[{rank}]" if world > 1 else "precompute", unit="img", file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    start_time, images_done = time.perf_counter(), 0
+    for shard in mine:
+        start, stop = shard * cfg.store.shard_size, min(len(dataset), (shard + 1) * cfg.store.shard_size)
+        arrays = [np.empty((cfg.store.views, stop - start), dtype=dtype) for _ in teachers]
+        for view in range(cfg.store.views):
+            loader = torch.utils.data.DataLoader(
+                ReplayDataset(augment, view, range(start, stop)), batch_size=cfg.store.batch_size,
+                num_workers=cfg.store.workers, worker_init_fn=_worker_init if cfg.store.workers else None)
+            pos = 0
+            for images, *_ in loader:
+                with torch.inference_mode():
+                    images = images.to(device, non_blocking=True)
+                    for t, teacher in enumerate(teachers):
+                        logits = teacher.model(teacher.prepare(images, mean, std, size))
+                        arrays[t][view, pos : pos + len(images)] = encode(logits, cfg.store.encoding, cfg.store.topk)
+                pos += len(images)
+                bar.update(len(images))
+                images_done += len(images)
+        _write_shard(root, shard, start, stop, arrays, done_before + mine.index(shard), num_shards)
+    bar.close()
+    elapsed = time.perf_counter() - start_time
+    _barrier()
+    if rank == 0:
+        _finish_manifest(root, num_shards)
+    _barrier()
+    return {"images": images_done, "seconds": elapsed, "images_per_s": images_done / max(elapsed, 1e-9)}
+
+
+def _write_shard(root: Path, shard: int, start: int, stop: int, arrays: list[np.ndarray], completed: int, num_shards: int) -> None:
+    files = {}
+    try:
+        for t, array in enumerate(arrays):
+            path = shard_file(root, t, shard)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, array)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            files[str(t)] = {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        write_json_atomic(done_file(root, shard), {"index": shard, "start": start, "stop": stop, "files": files})
+    except OSError as exc:
+        for t in range(len(arrays)):
+            shard_file(root, t, shard).with_name(shard_file(root, t, shard).name + ".tmp").unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreError(
+                f"disk full while writing shard {shard} of '{root}': the {completed} shard(s) completed before it are intact "
+                f"({num_shards - completed} left); free space and rerun the same command to resume"
+            ) from exc
+        raise
+
+
+def _finish_manifest(root: Path, num_shards: int) -> None:
+    import json
+
+    manifest = read_manifest(root)
+    entries = []
+    for shard in range(num_shards):
+        marker = done_file(root, shard)
+        if not marker.is_file():
+            return  # another rank failed; the store stays incomplete and resumable
+        entries.append(json.loads(marker.read_text()))
+    manifest["shards"] = entries
+    manifest["complete"] = True
+    write_json_atomic(root / "manifest.json", manifest)
+
+
+def verify_store(root: str | Path, samples: int, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """Check every shard's checksum, then recompute ``samples`` random records with the teachers."""
+    store = LogitStore(root, verify="size")
+    bad = store.verify_checksums()
+    if bad:
+        raise StoreError(f"{len(bad)} shard file(s) fail their checksum: {', '.join(bad[:5])}; "
+                         "delete them and their .done.json files, then rerun `libkd precompute`")
+    m = store.manifest
+    data_cfg = DataConfig.model_validate(m["data_config"])
+    dataset = build_dataset(data_cfg, "train", seed=m["augmentation"]["seed"])
+    if dataset.fingerprint != m["dataset"]["fingerprint"]:
+        raise StoreError(f"the data set at {data_cfg.root or data_cfg.source} changed since the store was built (fingerprint differs)")
+    torch_device = resolve_device(device)
+    teachers = load_teachers(m["teacher_checkpoints"], m["dataset_classes"], torch_device)
+    for t, teacher in enumerate(teachers):
+        if teacher.meta["weights_sha256"] != m["teachers"][t]["weights_sha256"]:
+            raise StoreError(f"teacher checkpoint '{teacher.path}' changed since the store was built (weights sha256 differs)")
+    augment = ReplayAugment(dataset, ReplayConfig.model_validate(m["replay"]), m["augmentation"]["seed"],
+                            m["image_size"], m["mean"], m["std"])
+    rng = np.random.default_rng(seed)
+    picks = [(int(rng.integers(store.num_samples)), int(rng.integers(store.views))) for _ in range(samples)]
+    worst = 0.0
+    mismatches = []
+    with torch.inference_mode():
+        images = torch.stack([augment(i, v).image for i, v in picks]).to(torch_device)
+        for t, teacher in enumerate(teachers):
+            fresh = teacher.model(teacher.prepare(images, m["mean"], m["std"], m["image_size"])).float().cpu()
+            expected = decode(encode(fresh, m["encoding"], m["topk"] or 0), store.num_classes)
+            for row, (i, v) in enumerate(picks):
+                stored = decode(store.records(np.array([i]), v, t), store.num_classes)[0]
+                finite = torch.isfinite(expected[row])
+                diff = (stored[finite] - expected[row][finite]).abs().max().item()
+                # fp16 keeps 11 significant bits; allow two fp16 steps at the value's magnitude.
+                tol = 2 * 2.0**-10 * max(1.0, expected[row][finite].abs().max().item())
+                worst = max(worst, diff)
+                if diff > tol or not torch.equal(finite, torch.isfinite(stored)):
+                    mismatches.append(f"sample {i} view {v} teacher {t} (max diff {diff:.4g})")
+    if mismatches:
+        raise StoreError(f"{len(mismatches)} of {samples * len(teachers)} recomputed records differ from the store: "
+                         + "; ".join(mismatches[:5]) + ". The store is stale or tampered with; rebuild it")
+    return {"checked_records": samples * len(teachers), "max_abs_diff": worst, "shard_files": len(m["shards"]) * len(teachers)}
