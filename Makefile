@@ -17,6 +17,11 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/libkd data info digits
+	$(BIN)/libkd train-teacher -c configs/digits-resnet-teacher.yaml
+	$(BIN)/libkd train-teacher -c configs/digits-rednet-teacher.yaml
+	$(BIN)/libkd precompute -c configs/digits-store.yaml
+	$(BIN)/libkd store info runs/digits-store
+	$(BIN)/libkd store verify runs/digits-store --samples 32
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

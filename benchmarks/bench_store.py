@@ -1,0 +1,145 @@
+"""Store benchmarks, measured side by side in one run:
+
+1. precompute throughput against the same teachers' raw batched inference on pre-made tensors;
+2. the cost of reading a training batch (128 records, every teacher) against one training step
+   of the CIFAR student;
+3. bytes per sample per view per teacher (fp16, top-k 5 and 10, at 10/100/1000 classes) and the
+   top-k reconstruction error KL(full || decoded) at 1000 classes.
+
+    .venv/bin/python benchmarks/bench_store.py \
+        --teachers runs/cifar10-resnet-teacher/teacher runs/cifar10-rednet-teacher/teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from libkd.config import load_config
+from libkd.models import create_model
+from libkd.store import LogitStore, decode, encode, record_dtype
+from libkd.store.precompute import load_teachers, precompute, view_spec
+from libkd.data import build_dataset
+
+
+def raw_inference(cfg, images: int) -> float:
+    """Teachers' images/s on pre-made normalised tensors, same batch size, no data pipeline."""
+    dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
+    size, mean, std = view_spec(cfg.data, dataset)
+    teachers = load_teachers(cfg.store.teachers, dataset.classes, torch.device("cpu"))
+    batch = torch.randn(cfg.store.batch_size, 3, size, size)
+    with torch.inference_mode():
+        for t in teachers:  # warm-up
+            t.model(t.prepare(batch, mean, std, size))
+        start, done = time.perf_counter(), 0
+        while done < images:
+            for t in teachers:
+                t.model(t.prepare(batch, mean, std, size))
+            done += len(batch)
+    return done / (time.perf_counter() - start)
+
+
+def student_step_seconds(num_teachers: int, batch: int, reps: int = 5) -> float:
+    model = create_model("kdvit_mini_patch4_32", 10, num_teachers=num_teachers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    times = []
+    for i in range(reps + 1):
+        start = time.perf_counter()
+        loss = sum(torch.nn.functional.cross_entropy(h, y) for h in model.forward_heads(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def read_seconds(store: LogitStore, batch: int, reps: int = 300) -> float:
+    rng = np.random.default_rng(0)
+    times = []
+    for i in range(reps):
+        idx = rng.choice(store.num_samples, batch, replace=False)
+        start = time.perf_counter()
+        store.read(idx, i)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def codec_table() -> list[dict]:
+    rows = []
+    for classes in (10, 100, 1000):
+        row = {"classes": classes, "fp16": record_dtype("fp16", classes, 0).itemsize}
+        for k in (5, 10):
+            row[f"top{k}"] = record_dtype("topk", classes, k).itemsize
+        rows.append(row)
+    return rows
+
+
+def topk_kl(classes: int = 1000, rows: int = 2000) -> list[dict]:
+    """KL(full || decoded top-k) in nats for synthetic logits of several sharpnesses."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for scale in (2.0, 4.0, 8.0):
+        logits = torch.randn(rows, classes, generator=gen) * scale
+        p = torch.log_softmax(logits, 1)
+        entry = {"logit_std": scale, "top1_prob": p.exp().max(1).values.mean().item()}
+        for k in (5, 10, 50):
+            q = decode(encode(logits, "topk", k), classes)
+            entry[f"kl_top{k}"] = (p.exp() * (p - q)).sum(1).mean().item()
+        out.append(entry)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teachers", nargs="+", required=True, help="teacher checkpoints")
+    parser.add_argument("--data-root", default="../shared/data/cifar10")
+    parser.add_argument("--images", type=int, default=2048, help="training images the precompute run covers")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--store", help="an existing full store to time batch reads on (default: the one built here)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, [
+            "data.source=imagefolder", f"data.root={args.data_root}", f"data.subset={args.images // 10}",
+            f"store.path={tmp}/store", f"store.teachers=[{', '.join(args.teachers)}]", "store.views=1",
+            f"store.workers={args.workers}", "store.batch_size=256", "store.shard_size=4096",
+        ])
+        raw = raw_inference(cfg, args.images)
+        stats = precompute(cfg)
+        raw_after = raw_inference(cfg, args.images)  # bracket the precompute run: the machine is noisy
+        raw_mean = (raw + raw_after) / 2
+        store = LogitStore(args.store or cfg.store.path)
+        read_s = read_seconds(store, 128)
+    step_s = student_step_seconds(store.num_teachers, 128)
+    result = {
+        "precompute_img_s": stats["images_per_s"], "raw_inference_img_s": raw_mean,
+        "precompute_vs_raw": stats["images_per_s"] / raw_mean,
+        "read_batch_ms": read_s * 1e3, "student_step_ms": step_s * 1e3, "read_vs_step_percent": 100 * read_s / step_s,
+        "read_store": args.store or "built here", "bytes_per_record": codec_table(), "topk_kl_1000_classes": topk_kl(),
+    }
+    print(f"precompute {stats['images_per_s']:.0f} img/s vs raw teacher inference {raw_mean:.0f} img/s "
+          f"({raw:.0f} before, {raw_after:.0f} after): {result['precompute_vs_raw']:.2f}x")
+    print(f"batch read (128 records x {store.num_teachers} teachers): {read_s * 1e3:.3f} ms = "
+          f"{result['read_vs_step_percent']:.3f} % of one student step ({step_s * 1e3:.0f} ms)")
+    print("bytes per sample per view per teacher:")
+    for row in result["bytes_per_record"]:
+        print(f"  {row['classes']:5d} classes: fp16 {row['fp16']:5d}   top-5 {row['top5']:3d}   top-10 {row['top10']:3d}")
+    print("top-k reconstruction KL(full || decoded), 1000 classes, synthetic logits:")
+    for row in result["topk_kl_1000_classes"]:
+        print(f"  logit std {row['logit_std']:3.0f} (mean top-1 prob {row['top1_prob']:.2f}): "
+              + "  ".join(f"top-{k} {row[f'kl_top{k}']:.4f}" for k in (5, 10, 50)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

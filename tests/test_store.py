@@ -1,0 +1,310 @@
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from libkd import LibkdError
+from libkd.cli import main
+from libkd.config import load_config
+from libkd.data import build_dataset
+from libkd.data.replay import ReplayAugment
+from libkd.models import create_model, save_checkpoint
+from libkd.store import LogitStore, StoreError, decode, encode, record_dtype
+from libkd.store import precompute as precompute_module
+from libkd.store.precompute import load_teachers, precompute, store_identity, verify_store, view_spec
+
+DATA = ["data.source=synthetic", "data.synthetic.per_class=12", "data.synthetic.image_size=16"]
+STORE = ["store.views=3", "store.shard_size=20", "store.batch_size=8"]
+CLASSES = [f"class{c}" for c in range(4)]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> list[str]:
+    """Two small untrained teachers (a convolution and an involution net) saved as checkpoints."""
+    root = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    specs = [
+        ("resnet18", {"channels": [8, 16, 32, 64], "stem_width": 8}, None),
+        ("rednet26_cifar", {"base_width": 8, "stem_width": 16}, ([0.5] * 3, [0.25] * 3)),
+    ]
+    paths = []
+    for name, kwargs, norm in specs:
+        model = create_model(name, 4, **kwargs).eval()
+        arch = {"name": name, "num_classes": 4, "cifar_stem": False, "kwargs": kwargs}
+        meta = {"input_size": 16, "dataset": {"classes": CLASSES}}
+        if norm:
+            meta.update(mean=norm[0], std=norm[1])
+        paths.append(str(save_checkpoint(model, root / name, arch, **meta).with_suffix("")))
+    return paths
+
+
+def config(tmp_path: Path, teachers: list[str], *extra: str, name: str = "store"):
+    return load_config(None, DATA + STORE + [f"store.path={tmp_path / name}", f"store.teachers=[{', '.join(teachers)}]", *extra])
+
+
+def store_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".npy", ".json")}
+
+
+# ------------------------------------------------------------------ codec
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 300), st.integers(1, 6), st.floats(0.1, 40), st.integers(0, 2**31 - 1))
+def test_fp16_round_trip(num_classes, rows, scale, seed):
+    logits = torch.randn(rows, num_classes, generator=torch.Generator().manual_seed(seed)) * scale
+    back = decode(encode(logits, "fp16", 0), num_classes)
+    assert back.shape == logits.shape
+    assert ((back - logits).abs() <= logits.abs() * 2**-11 + 2**-24).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 1000), st.integers(1, 20), st.floats(0.1, 20), st.integers(0, 2**31 - 1))
+def test_topk_round_trip(num_classes, k, scale, seed):
+    k = min(k, num_classes)
+    logits = torch.randn(3, num_classes, generator=torch.Generator().manual_seed(seed)) * scale
+    records = encode(logits, "topk", k)
+    assert records.dtype == record_dtype("topk", num_classes, k)
+    logp = decode(records, num_classes)
+    assert torch.allclose(logp.exp().sum(1), torch.ones(3), atol=2e-3)
+    true = torch.log_softmax(logits, 1)
+    top = true.topk(k, 1)
+    assert torch.allclose(logp.gather(1, top.indices), top.values, atol=2e-2, rtol=1e-3)
+    assert torch.equal(logp.argmax(1), true.argmax(1))
+
+
+def test_codec_limits():
+    with pytest.raises(LibkdError, match="int16"):
+        record_dtype("topk", 40000, 5)
+    with pytest.raises(LibkdError, match="store.topk"):
+        record_dtype("topk", 10, 11)
+    assert record_dtype("fp16", 10, 0).itemsize == 20 and record_dtype("topk", 1000, 10).itemsize == 44
+
+
+# ------------------------------------------------------------------ building and reading
+
+
+def test_records_are_the_teachers_outputs_on_the_replayed_views(tmp_path, teachers):
+    cfg = config(tmp_path, teachers)
+    stats = precompute(cfg)
+    assert stats["images"] == 48 * 3
+    store = LogitStore(cfg.store.path, verify="full")
+    dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
+    size, mean, std = view_spec(cfg.data, dataset)
+    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std)
+    loaded = load_teachers(cfg.store.teachers, dataset.classes, torch.device("cpu"))
+    indices = np.array([0, 47, 19, 20, 33])
+    for view in (0, 2, 4):  # view 4 is view 1 of a 3-view store
+        images = torch.stack([augment(int(i), view % 3).image for i in indices])
+        stored = store.read(indices, view)
+        with torch.inference_mode():
+            for t, teacher in enumerate(loaded):
+                fresh = teacher.model(teacher.prepare(images, mean, std, size))
+                torch.testing.assert_close(stored[t], fresh.half().float(), atol=2e-3, rtol=2e-3)
+    assert store.nbytes() > 48 * 3 * 2 * 8
+
+
+def test_topk_store_reads_log_probabilities(tmp_path, teachers):
+    cfg = config(tmp_path, teachers, "store.encoding=topk", "store.topk=2")
+    precompute(cfg)
+    store = LogitStore(cfg.store.path)
+    logp = store.read(np.arange(10), 1)[0]
+    assert logp.shape == (10, 4)
+    torch.testing.assert_close(logp.exp().sum(1), torch.ones(10), atol=2e-3, rtol=0)
+    assert store.manifest["record_bytes"] == 2 * 2 + 2 * 2 + 4
+
+
+def test_verify_passes_then_catches_a_tampered_record(tmp_path, teachers, capsys):
+    cfg = config(tmp_path, teachers)
+    precompute(cfg)
+    assert main(["store", "verify", cfg.store.path, "--samples", "16"]) == 0
+    assert "OK" in capsys.readouterr().out
+    shard = Path(cfg.store.path) / "shards" / "t1-00001.npy"
+    array = np.load(shard)
+    array["logits"][:, :] += np.float16(3.0)  # a consistent but wrong shard: checksums re-signed
+    np.save(shard, array)
+    manifest = json.loads((Path(cfg.store.path) / "manifest.json").read_text())
+    with pytest.raises(StoreError, match="fail their checksum"):
+        verify_store(cfg.store.path, 16)
+    from libkd.store.format import sha256_file
+
+    manifest["shards"][1]["files"]["1"]["sha256"] = sha256_file(shard)
+    (Path(cfg.store.path) / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="recomputed records differ"):
+        verify_store(cfg.store.path, 48)
+
+
+def test_store_info_cli(tmp_path, teachers, capsys):
+    cfg = config(tmp_path, teachers)
+    precompute(cfg)
+    assert main(["store", "info", cfg.store.path]) == 0
+    out = capsys.readouterr().out
+    assert "complete" in out and "rednet26_cifar (inv)" in out and "resnet18 (conv)" in out and "8 bytes" in out
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (["data.subset=6"], "dataset fingerprint"),
+        (["replay.hflip=0.0"], "augmentation sha256"),
+        (["seed=1"], "augmentation seed"),
+        (["data.image_size=12"], "image_size"),
+        (["data.mean=[0.4, 0.4, 0.4]", "data.std=[0.2, 0.2, 0.2]"], "mean"),
+        (["store.views=2"], "views"),
+        (["store.encoding=topk", "store.topk=2"], "encoding"),
+    ],
+)
+def test_a_store_built_for_something_else_is_refused(tmp_path, teachers, change, field):
+    cfg = config(tmp_path, teachers)
+    precompute(cfg)
+    other = config(tmp_path, teachers, *change)
+    dataset = build_dataset(other.data, "train", seed=other.seed)
+    loaded = load_teachers(other.store.teachers, dataset.classes, torch.device("cpu"))
+    expected = store_identity(other, dataset, loaded, *view_spec(other.data, dataset))
+    with pytest.raises(StoreError, match=f"does not match this run: .*{field}.*Rebuild"):
+        LogitStore(cfg.store.path, expected=expected)
+    with pytest.raises(StoreError, match=f"built from something else: .*{field}"):
+        precompute(other)
+
+
+def test_other_teacher_weights_are_refused(tmp_path, teachers):
+    cfg = config(tmp_path, teachers)
+    precompute(cfg)
+    retrained = create_model("resnet18", 4, channels=[8, 16, 32, 64], stem_width=8)
+    arch = {"name": "resnet18", "num_classes": 4, "cifar_stem": False, "kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}}
+    new = str(save_checkpoint(retrained, tmp_path / "retrained", arch, input_size=16, dataset={"classes": CLASSES}).with_suffix(""))
+    with pytest.raises(StoreError, match="teacher 0 weights_sha256"):
+        precompute(config(tmp_path, [new, teachers[1]]))
+
+
+def test_teachers_of_other_classes_are_refused(tmp_path, teachers):
+    with pytest.raises(LibkdError, match="predicts 4 classes.*data set has 5"):
+        precompute(config(tmp_path, teachers, "data.synthetic.num_classes=5"))
+    with pytest.raises(LibkdError, match="store.teachers is empty"):
+        precompute(load_config(None, DATA + [f"store.path={tmp_path / 'x'}"]))
+
+
+def test_corrupted_and_truncated_shards_are_named(tmp_path, teachers):
+    cfg = config(tmp_path, teachers)
+    precompute(cfg)
+    shard = Path(cfg.store.path) / "shards" / "t0-00002.npy"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x55
+    shard.write_bytes(bytes(data))
+    LogitStore(cfg.store.path, verify="size")  # same size: only the checksum can tell
+    with pytest.raises(StoreError, match="t0-00002.npy' is corrupted"):
+        LogitStore(cfg.store.path, verify="full")
+    shard.write_bytes(bytes(data[:-40]))
+    with pytest.raises(StoreError, match="t0-00002.npy' is truncated"):
+        LogitStore(cfg.store.path)
+
+
+def test_incomplete_store_is_refused(tmp_path, teachers):
+    cfg = config(tmp_path, teachers)
+    precompute(cfg)
+    manifest = json.loads((Path(cfg.store.path) / "manifest.json").read_text())
+    manifest["complete"] = False
+    (Path(cfg.store.path) / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="incomplete.*rerun"):
+        LogitStore(cfg.store.path)
+    with pytest.raises(StoreError, match="no store at"):
+        LogitStore(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------ crash safety and distribution
+
+
+def test_full_disk_keeps_complete_shards_and_resumes(tmp_path, teachers, monkeypatch):
+    reference = config(tmp_path, teachers, name="reference")
+    precompute(reference)
+    cfg = config(tmp_path, teachers)
+    real_save = np.save
+    calls = {"n": 0}
+
+    def failing_save(fh, array):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first teacher's file of the second shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(fh, array)
+
+    monkeypatch.setattr(precompute_module.np, "save", failing_save)
+    with pytest.raises(StoreError, match="disk full while writing shard 1.*1 shard\\(s\\) completed before it are intact"):
+        precompute(cfg)
+    shards = Path(cfg.store.path) / "shards"
+    assert (shards / "00000.done.json").is_file() and not (shards / "00001.done.json").exists()
+    assert not list(shards.glob("*.tmp"))
+    monkeypatch.setattr(precompute_module.np, "save", real_save)
+    precompute(cfg)
+    assert store_bytes(Path(cfg.store.path)) == {k: v for k, v in store_bytes(Path(reference.store.path)).items()
+                                                  if k != "manifest.json"} | {"manifest.json": store_bytes(Path(cfg.store.path))["manifest.json"]}
+    ref_manifest = json.loads((Path(reference.store.path) / "manifest.json").read_text())
+    new_manifest = json.loads((Path(cfg.store.path) / "manifest.json").read_text())
+    ref_manifest.pop("store_path", None), new_manifest.pop("store_path", None)
+    assert ref_manifest["shards"] == new_manifest["shards"]
+
+
+def _cli_args(cfg_overrides: list[str]) -> list[str]:
+    args = []
+    for item in cfg_overrides:
+        args += ["--set", item]
+    return args
+
+
+def _overrides(store_path: Path, teachers: list[str], *extra: str) -> list[str]:
+    return DATA + STORE + [f"store.path={store_path}", f"store.teachers=[{', '.join(teachers)}]", "store.shard_size=8", *extra]
+
+
+def test_killed_precompute_resumes_to_identical_bytes(tmp_path, teachers):
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "libkd", "precompute", *_cli_args(_overrides(ref, teachers))], check=True, capture_output=True)
+    victim_path = tmp_path / "killed"
+    victim = subprocess.Popen([sys.executable, "-m", "libkd", "precompute", *_cli_args(_overrides(victim_path, teachers))],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (victim_path / "shards" / "00001.done.json").exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = subprocess.run([sys.executable, "-m", "libkd", "precompute", *_cli_args(_overrides(victim_path, teachers))],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = store_bytes(ref), store_bytes(victim_path)
+    assert a.keys() == b.keys()
+    differing = [k for k in a if a[k] != b[k]]
+    assert differing == [] or differing == ["manifest.json"] and _same_manifest(a[k], b[k], ref, victim_path)
+
+
+def _same_manifest(a: bytes, b: bytes, path_a: Path, path_b: Path) -> bool:
+    return a.replace(str(path_a).encode(), b"STORE") == b.replace(str(path_b).encode(), b"STORE")
+
+
+def test_two_process_torchrun_equals_one_process(tmp_path, teachers):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    subprocess.run([sys.executable, "-m", "libkd", "precompute", *_cli_args(_overrides(single, teachers))],
+                   check=True, capture_output=True)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "libkd", "precompute",
+                          *_cli_args(_overrides(multi, teachers))], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = store_bytes(single), store_bytes(multi)
+    assert a.keys() == b.keys() and len([k for k in a if k.endswith(".npy")]) == 2 * 6
+    assert [k for k in a if a[k] != b[k]] in ([], ["manifest.json"])
+    if a["manifest.json"] != b["manifest.json"]:
+        assert _same_manifest(a["manifest.json"], b["manifest.json"], single, multi)
