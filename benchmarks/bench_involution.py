@@ -1,8 +1,8 @@
 """Involution op, forward + backward: libkd's shifted-view kernel against the naive unfold formulation.
 
 Both run side by side in one invocation, so the printed ratios are comparable on a noisy machine.
-Peak memory on CPU is measured in a fresh subprocess per case (peak RSS above the RSS with the
-inputs allocated); on CUDA with torch.cuda.max_memory_allocated.
+Peak memory on CPU is measured in a fresh subprocess per case (peak RSS, VmHWM, reset once the
+inputs are allocated); on CUDA with torch.cuda.max_memory_allocated.
 
     .venv/bin/python benchmarks/bench_involution.py                 # CPU, fp32
     .venv/bin/python benchmarks/bench_involution.py --device cuda --dtypes fp32 bf16 fp16 --compile
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -61,18 +60,23 @@ def time_case(fn, x, w, stride, device: str, reps: int) -> float:
     return best
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def cpu_peak_child(impl: str, shape_index: int) -> None:
     """Runs in a subprocess: prints the peak memory (bytes) one fwd+bwd adds above its inputs."""
     _, b, c, s, stride = SHAPES[shape_index]
     x, w = make_inputs(b, c, s, stride, "cpu", torch.float32)
-    before = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM (peak RSS) to the current RSS, so imports do not count
+    before = _status_bytes("VmRSS")
     step(IMPLS[impl], x, w, stride)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    print(_status_bytes("VmHWM") - before)
 
 
 def cpu_peak(impl: str, shape_index: int) -> int:

@@ -149,5 +149,5 @@ def test_damaged_or_incomplete_checkpoint(tmp_path):
         build_from_checkpoint(weights)
     (tmp_path / "u.json").write_text(json.dumps({"format": "other"}))
     (tmp_path / "u.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="not a libkd checkpoint"):
+    with pytest.raises(CheckpointError, match="not a libkd-checkpoint/1 file"):
         build_from_checkpoint(tmp_path / "u")

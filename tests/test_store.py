@@ -3,7 +3,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -139,7 +138,7 @@ def test_verify_passes_then_catches_a_tampered_record(tmp_path, teachers, capsys
     manifest = json.loads((Path(cfg.store.path) / "manifest.json").read_text())
     with pytest.raises(StoreError, match="fail their checksum"):
         verify_store(cfg.store.path, 16)
-    from libkd.store.format import sha256_file
+    from libkd.fileio import sha256_file
 
     manifest["shards"][1]["files"]["1"]["sha256"] = sha256_file(shard)
     (Path(cfg.store.path) / "manifest.json").write_text(json.dumps(manifest))
@@ -251,12 +250,7 @@ def test_full_disk_keeps_complete_shards_and_resumes(tmp_path, teachers, monkeyp
     assert not list(shards.glob("*.tmp"))
     monkeypatch.setattr(precompute_module.np, "save", real_save)
     precompute(cfg)
-    assert store_bytes(Path(cfg.store.path)) == {k: v for k, v in store_bytes(Path(reference.store.path)).items()
-                                                  if k != "manifest.json"} | {"manifest.json": store_bytes(Path(cfg.store.path))["manifest.json"]}
-    ref_manifest = json.loads((Path(reference.store.path) / "manifest.json").read_text())
-    new_manifest = json.loads((Path(cfg.store.path) / "manifest.json").read_text())
-    ref_manifest.pop("store_path", None), new_manifest.pop("store_path", None)
-    assert ref_manifest["shards"] == new_manifest["shards"]
+    assert store_bytes(Path(cfg.store.path)) == store_bytes(Path(reference.store.path))
 
 
 def _cli_args(cfg_overrides: list[str]) -> list[str]:
@@ -284,14 +278,8 @@ def test_killed_precompute_resumes_to_identical_bytes(tmp_path, teachers):
     resumed = subprocess.run([sys.executable, "-m", "libkd", "precompute", *_cli_args(_overrides(victim_path, teachers))],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = store_bytes(ref), store_bytes(victim_path)
-    assert a.keys() == b.keys()
-    differing = [k for k in a if a[k] != b[k]]
-    assert differing == [] or differing == ["manifest.json"] and _same_manifest(a[k], b[k], ref, victim_path)
-
-
-def _same_manifest(a: bytes, b: bytes, path_a: Path, path_b: Path) -> bool:
-    return a.replace(str(path_a).encode(), b"STORE") == b.replace(str(path_b).encode(), b"STORE")
+    assert "resuming" in resumed.stdout
+    assert store_bytes(ref) == store_bytes(victim_path)
 
 
 def test_two_process_torchrun_equals_one_process(tmp_path, teachers):
@@ -304,7 +292,5 @@ def test_two_process_torchrun_equals_one_process(tmp_path, teachers):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = store_bytes(single), store_bytes(multi)
-    assert a.keys() == b.keys() and len([k for k in a if k.endswith(".npy")]) == 2 * 6
-    assert [k for k in a if a[k] != b[k]] in ([], ["manifest.json"])
-    if a["manifest.json"] != b["manifest.json"]:
-        assert _same_manifest(a["manifest.json"], b["manifest.json"], single, multi)
+    assert len([k for k in a if k.endswith(".npy")]) == 2 * 6
+    assert a == b

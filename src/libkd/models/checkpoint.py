@@ -7,7 +7,6 @@ the weights' sha256 (which stores use to fingerprint teachers).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from libkd import LibkdError, __version__
+from libkd.fileio import read_json_with_format, sha256_file, write_json_atomic
 from libkd.models.factory import create_model
 
 FORMAT = "libkd-checkpoint/1"
@@ -35,14 +35,6 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, arch: dict[str, Any], **meta: Any) -> Path:
     """Write weights and sidecar atomically; ``arch`` = {name, num_classes, cifar_stem, kwargs}."""
     weights, sidecar = checkpoint_paths(path)
@@ -50,11 +42,10 @@ def save_checkpoint(model: nn.Module, path: str | Path, arch: dict[str, Any], **
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp_weights = weights.with_name(weights.name + ".tmp")
     save_file(state, str(tmp_weights), metadata={"format": FORMAT})
-    record = {"format": FORMAT, "arch": arch, "weights_sha256": file_sha256(tmp_weights), "libkd_version": __version__, **meta}
-    tmp_sidecar = sidecar.with_name(sidecar.name + ".tmp")
-    tmp_sidecar.write_text(json.dumps(record, indent=2, default=_jsonable))
+    record = {"format": FORMAT, "arch": arch, "weights_sha256": sha256_file(tmp_weights), "libkd_version": __version__, **meta}
+    record = json.loads(json.dumps(record, default=_jsonable))
     os.replace(tmp_weights, weights)
-    os.replace(tmp_sidecar, sidecar)
+    write_json_atomic(sidecar, record)
     return weights
 
 
@@ -71,20 +62,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     for f in (weights, sidecar):
         if not f.is_file():
             raise CheckpointError(f"checkpoint file '{f}' is missing; a checkpoint is NAME.safetensors plus NAME.json")
-    try:
-        meta = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint sidecar '{sidecar}' is not valid JSON ({exc}); re-save the checkpoint") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"'{sidecar}' is not a libkd checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
-    return meta
+    return read_json_with_format(sidecar, FORMAT, CheckpointError, "re-save the checkpoint or point to a libkd checkpoint")
 
 
 def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weights and the sidecar, after checking that the weights are the ones the sidecar describes."""
     meta = read_meta(path)
     weights, _ = checkpoint_paths(path)
-    if file_sha256(weights) != meta["weights_sha256"]:
+    if sha256_file(weights) != meta["weights_sha256"]:
         raise CheckpointError(f"'{weights}' does not match its sidecar's sha256 (damaged or replaced file); re-save or retrain it")
     return load_file(str(weights)), meta
 

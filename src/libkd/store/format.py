@@ -10,9 +10,7 @@ A record is keyed by (sample index, view); training at epoch e reads view e mod 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from libkd import LibkdError
+from libkd.fileio import read_json_with_format, sha256_file
 from libkd.store.codec import decode, record_dtype
 
 FORMAT = "libkd-store/1"
@@ -31,14 +30,6 @@ class StoreError(LibkdError):
     """A store that is missing, incomplete, damaged, or built for something else."""
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def shard_file(root: Path, teacher: int, shard: int) -> Path:
     return root / "shards" / f"t{teacher}-{shard:05d}.npy"
 
@@ -47,26 +38,11 @@ def done_file(root: Path, shard: int) -> Path:
     return root / "shards" / f"{shard:05d}.done.json"
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(value, indent=1, sort_keys=True))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def read_manifest(root: Path) -> dict[str, Any]:
     path = Path(root) / "manifest.json"
     if not path.is_file():
         raise StoreError(f"no store at '{root}' (manifest.json missing); build one with `libkd precompute`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"'{path}' is not valid JSON ({exc}); rebuild the store") from exc
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"'{path}' is not a {FORMAT} manifest (format {manifest.get('format')!r})")
-    return manifest
+    return read_json_with_format(path, FORMAT, StoreError, "rebuild the store with `libkd precompute`")
 
 
 def _short(value: Any) -> str:

@@ -9,6 +9,7 @@ GPU) and rank 0 writes the manifest; the result is the same store as one process
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import sys
@@ -32,16 +33,14 @@ from libkd.models import build_from_checkpoint, teacher_kind
 from libkd.store.codec import decode, encode, record_dtype
 from libkd.store.format import (
     FORMAT,
-    IDENTITY_FIELDS,
     LogitStore,
     StoreError,
     done_file,
     identity_differences,
     read_manifest,
-    sha256_file,
     shard_file,
-    write_json_atomic,
 )
+from libkd.fileio import sha256_file, write_json_atomic
 
 
 @dataclass
@@ -222,8 +221,6 @@ def _write_shard(root: Path, shard: int, start: int, stop: int, arrays: list[np.
 
 
 def _finish_manifest(root: Path, num_shards: int) -> None:
-    import json
-
     manifest = read_manifest(root)
     entries = []
     for shard in range(num_shards):
