@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="+", required=True, help="teacher checkpoints")
     parser.add_argument("--data-root", default="../shared/data/cifar10")
     parser.add_argument("--images", type=int, default=2048, help="training images the precompute run covers")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--store", help="an existing full store to time batch reads on (default: the one built here)")
     parser.add_argument("--json")
     args = parser.parse_args()

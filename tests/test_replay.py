@@ -112,3 +112,11 @@ def test_recipe_hash_tracks_every_field():
 def test_unknown_randaug_op_is_a_config_error():
     with pytest.raises(ConfigError, match="replay.randaug_ops"):
         load_config(None, ["replay.randaug_ops=[rotate, twirl]"])
+
+
+@pytest.mark.parametrize("op", ReplayConfig().randaug_ops)
+def test_every_randaug_op_runs_and_replays(op):
+    aug = make_augment(randaug_ops=[op], randaug_n=3, mix_prob=0.0, erase_prob=0.0)
+    first = aug(1, 0).image
+    assert first.shape == (3, 16, 16) and torch.isfinite(first).all()
+    assert torch.equal(first, aug(1, 0).image)

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
+from PIL import Image
 
 from libkd.config import RANDAUG_OPS as CONFIG_OPS
 from libkd.config import ReplayConfig
@@ -45,9 +46,15 @@ RANDAUG_OPS: dict[str, tuple[float, bool]] = {
 assert sorted(RANDAUG_OPS) == sorted(CONFIG_OPS), "config.RANDAUG_OPS and replay.RANDAUG_OPS must name the same ops"
 
 
+# Bump when the pixels a recipe produces change (an op's implementation, the RNG draw order):
+# it is part of the recipe hash, so stores built by the old code are refused, not silently reused.
+REPLAY_IMPL_VERSION = 2
+
+
 def recipe_hash(recipe: ReplayConfig) -> str:
-    """sha256 of the recipe's canonical JSON: stores record it and refuse a different one."""
-    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    """sha256 of the recipe's canonical JSON and the implementation version: stores record it."""
+    payload = {"recipe": recipe.model_dump(mode="json"), "impl": REPLAY_IMPL_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def view_rng(seed: int, index: int, view: int, stream: int) -> np.random.Generator:
@@ -100,8 +107,12 @@ class ReplayAugment:
         return ReplayedView(image, partner, lam)
 
     def base_view(self, index: int, view: int) -> torch.Tensor:
-        """The un-mixed augmented view: crop, flip, RandAugment, colour jitter, normalise, erase."""
-        img = torch.from_numpy(np.array(self.dataset.load_image(index))).permute(2, 0, 1).contiguous()
+        """The un-mixed augmented view: crop, flip, RandAugment, colour jitter, normalise, erase.
+
+        The geometric and colour ops run on PIL images through torchvision's functional API: for
+        small images that is several times faster than on tensors, and just as deterministic.
+        """
+        img = Image.fromarray(np.asarray(self.dataset.load_image(index)))
         r = self.recipe
         if not r.enabled:
             return self._normalise(self._resize(img))
@@ -123,16 +134,17 @@ class ReplayAugment:
 
     # -- pieces ------------------------------------------------------------------------------
 
-    def _resize(self, img: torch.Tensor) -> torch.Tensor:
-        if img.shape[-1] != self.size or img.shape[-2] != self.size:
+    def _resize(self, img: Image.Image) -> Image.Image:
+        if img.size != (self.size, self.size):
             img = F.resize(img, [self.size, self.size], antialias=True)
         return img
 
-    def _normalise(self, img: torch.Tensor) -> torch.Tensor:
-        return (img.to(torch.float32) / 255.0 - self.mean) / self.std
+    def _normalise(self, img: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)
+        return (pixels / 255.0 - self.mean) / self.std
 
-    def _random_resized_crop(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        height, width = img.shape[-2:]
+    def _random_resized_crop(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        width, height = img.size
         lo, hi = self.recipe.crop_scale
         area = height * width
         log_ratio = (math.log(self.recipe.crop_ratio[0]), math.log(self.recipe.crop_ratio[1]))
@@ -147,12 +159,12 @@ class ReplayAugment:
                 return F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
         return self._resize(img)  # fall back to the whole image
 
-    def _randaug_op(self, img: torch.Tensor, name: str, rng: np.random.Generator) -> torch.Tensor:
+    def _randaug_op(self, img: Image.Image, name: str, rng: np.random.Generator) -> Image.Image:
         top, signed = RANDAUG_OPS[name]
         magnitude = top * self.recipe.randaug_m / 10.0
         if signed and rng.random() < 0.5:
             magnitude = -magnitude
-        size = img.shape[-1]
+        size = img.size[0]
         if name == "identity":
             return img
         if name == "autocontrast":
@@ -160,7 +172,7 @@ class ReplayAugment:
         if name == "equalize":
             return F.equalize(img)
         if name == "rotate":
-            return F.rotate(img, magnitude, fill=[128.0] * 3)
+            return F.rotate(img, magnitude, fill=[128, 128, 128])
         if name == "solarize":
             return F.solarize(img, max(0.0, 256.0 - magnitude))
         if name == "posterize":
@@ -175,10 +187,10 @@ class ReplayAugment:
             return F.adjust_sharpness(img, 1.0 + magnitude)
         shear = [math.degrees(math.atan(magnitude)), 0.0] if name == "shear_x" else [0.0, math.degrees(math.atan(magnitude))]
         if name.startswith("shear"):
-            return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=[128.0] * 3)
+            return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=[128, 128, 128])
         shift = int(round(magnitude * size))
         translate = [shift, 0] if name == "translate_x" else [0, shift]
-        return F.affine(img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], fill=[128.0] * 3)
+        return F.affine(img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], fill=[128, 128, 128])
 
     def _erase(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         _, height, width = img.shape
