@@ -85,13 +85,11 @@ def train_teacher_cmd(args: argparse.Namespace) -> int:
     "(resumable; shards across processes under torchrun).",
 )
 def precompute_cmd(args: argparse.Namespace) -> int:
-    from libkd.config import save_config
     from libkd.store.precompute import precompute
 
     config = experiment_config(args)
     stats = precompute(config)
     if stats.get("images"):
-        save_config(config, config.store.path)
         print(f"store '{config.store.path}': {stats['images']} views in {stats['seconds']:.1f} s "
               f"({stats['images_per_s']:.0f} views/s)")
     return 0

@@ -96,7 +96,7 @@ def train_one_epoch(
         seen += images.shape[0]
         total_loss += loss.item() * images.shape[0]
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     bar.close()
     elapsed = time.perf_counter() - start
     return {"train_loss": total_loss / max(1, seen), "images_per_s": seen / elapsed, "train_seconds": elapsed,

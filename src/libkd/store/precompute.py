@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from libkd import LibkdError, __version__
-from libkd.config import DataConfig, ExperimentConfig, ReplayConfig
+from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, save_config
 from libkd.data import ImageDataset, build_dataset
 from libkd.data.replay import ReplayAugment, ReplayDataset, recipe_hash
 from libkd.engine import resolve_device
@@ -151,6 +151,7 @@ def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     _barrier()
     if rank == 0:
         (root / "shards").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, root)
         write_json_atomic(manifest_path, {
             "format": FORMAT, "libkd_version": __version__, "complete": False, **identity,
             "data_config": cfg.data.model_dump(mode="json"), "replay": cfg.replay.model_dump(mode="json"),
