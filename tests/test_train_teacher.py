@@ -40,6 +40,8 @@ def test_teacher_learns_and_writes_its_outputs(tmp_path):
     assert meta["input_size"] == 16 and len(meta["mean"]) == 3
     assert meta["dataset"]["classes"] == ["class0", "class1", "class2", "class3"]
     assert meta["metrics"]["val_top1"] == pytest.approx(final["val_top1"])
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 4 and saved["data"]["source"] == "synthetic"
 
@@ -93,7 +95,37 @@ def test_train_and_val_with_different_classes(tmp_path, image_folder):
         train_teacher(cfg)
 
 
+def test_cli_group_without_command_prints_its_commands(capsys):
+    assert main(["store"]) == 2
+    out = capsys.readouterr().out
+    assert "info" in out and "verify" in out
+
+
 def test_cli_train_teacher_reports_bad_model(tmp_path, capsys):
     code = main(["train-teacher", "--out", str(tmp_path / "o"), "--set", "data.source=synthetic", "--set", "teacher.name=resnet181"])
     assert code == 2
     assert "unknown model 'resnet181'" in capsys.readouterr().err
+
+
+def test_full_disk_while_saving_keeps_the_last_state_and_resumes(tmp_path, monkeypatch):
+    import errno
+
+    import libkd.train_teacher as module
+
+    real_save = module.torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second epoch's resume state
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(module.torch, "save", failing_save)
+    cfg = smoke_config(tmp_path / "run", "train.epochs=3")
+    with pytest.raises(LibkdError, match="disk full: saving epoch 2 .* state of epoch 1 is intact"):
+        train_teacher(cfg)
+    monkeypatch.setattr(module.torch, "save", real_save)
+    final = train_teacher(cfg)
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and final["epoch"] == 3

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             prefix = key[:depth]
             if prefix not in parsers:
                 group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                group_parser.set_defaults(_group=group_parser)
                 parsers[prefix] = group_parser
                 groups[prefix] = group_parser.add_subparsers(dest="_".join(prefix), metavar="COMMAND")
         cmd = REGISTRY[key]
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cmd: Command | None = getattr(args, "_command", None)
-    if cmd is None:
-        parser.print_help()
+    if cmd is None:  # no subcommand, or a group ('libkd store') without one of its commands
+        getattr(args, "_group", parser).print_help()
         return 2
     try:
         return int(cmd.run(args) or 0)

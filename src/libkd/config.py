@@ -130,6 +130,7 @@ class TrainConfig(Section):
     # Cap on optimiser steps per epoch (smoke runs); None trains on the whole split.
     max_steps_per_epoch: int | None = Field(None, ge=1)
     resume: bool = True
+    tensorboard: bool = True  # scalars under OUT/tensorboard, beside metrics.jsonl
 
 
 class ExperimentConfig(Section):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from libkd import LibkdError
 
@@ -41,3 +43,17 @@ def read_json_with_format(path: str | Path, expected_format: str, error: type[Li
         found = value.get("format") if isinstance(value, dict) else type(value).__name__
         raise error(f"'{path}' is not a {expected_format} file (format {found!r}); {fix}")
     return value
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def disk_full_is_an_error(message: str) -> Iterator[None]:
+    """Turn 'no space left on device' inside the block into a LibkdError that says ``message``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise LibkdError(f"disk full: {message}") from exc
+        raise

@@ -22,6 +22,7 @@ from libkd import LibkdError
 from libkd.config import ExperimentConfig, save_config
 from libkd.data import ImageDataset, build_dataset
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
+from libkd.fileio import disk_full_is_an_error
 from libkd.engine import build_optimizer, build_scheduler, evaluate, resolve_device, train_one_epoch
 from libkd.models import count_parameters, create_model, save_checkpoint
 
@@ -122,6 +123,11 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
           f"images, {train.num_classes} classes, input {spec['input_size']} px, {device}")
 
     loss_fn = lambda m, x, y: criterion(m(x), y)  # noqa: E731
+    writer = None
+    if cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
     for epoch in range(start_epoch, cfg.train.epochs):
         # Seeding per epoch makes a resumed run draw the same batches and augmentations.
         seed_everything(cfg.seed * 1000 + epoch)
@@ -131,14 +137,22 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
         stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, cfg.train.amp).items()})
         stats["epoch"] = epoch + 1
         history.append(stats)
+        if writer is not None:
+            for key in ("train_loss", "val_top1", "val_top5", "val_loss", "lr", "images_per_s"):
+                writer.add_scalar(key, stats[key], epoch + 1)
+            writer.flush()
         print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f}  "
               f"top-5 {stats['val_top5']:.2f}  {stats['images_per_s']:.0f} img/s")
-        _save_teacher(model, out, arch, spec, train, stats, cfg)
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
-        tmp = out / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-        os.replace(tmp, out / "metrics.jsonl")
+        with disk_full_is_an_error(f"saving epoch {epoch + 1} in '{out}' failed; the state of epoch {epoch} is intact. "
+                                   "Free space and rerun the same command to resume"):
+            _save_teacher(model, out, arch, spec, train, stats, cfg)
+            _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
+            tmp = out / "metrics.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+            os.replace(tmp, out / "metrics.jsonl")
+    if writer is not None:
+        writer.close()
     return history[-1] if history else {}
 
 

@@ -8,7 +8,6 @@ GPU) and rank 0 writes the manifest; the result is the same store as one process
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from libkd.store.format import (
     read_manifest,
     shard_file,
 )
-from libkd.fileio import sha256_file, write_json_atomic
+from libkd.fileio import DISK_FULL, sha256_file, write_json_atomic
 
 
 @dataclass
@@ -213,7 +212,7 @@ def _write_shard(root: Path, shard: int, start: int, stop: int, arrays: list[np.
     except OSError as exc:
         for t in range(len(arrays)):
             shard_file(root, t, shard).with_name(shard_file(root, t, shard).name + ".tmp").unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in DISK_FULL:
             raise StoreError(
                 f"disk full while writing shard {shard} of '{root}': the {completed} shard(s) completed before it are intact "
                 f"({num_shards - completed} left); free space and rerun the same command to resume"
