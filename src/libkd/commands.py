@@ -43,7 +43,7 @@ def data_info(args: argparse.Namespace) -> int:
         "mean": mean,
         "std": std,
         "fingerprint": ds.fingerprint,
-        "skipped_corrupt": getattr(ds, "skipped", []),
+        "skipped_corrupt": ds.skipped,
         "load_seconds": round(load_s, 3),
     }
     if args.json:

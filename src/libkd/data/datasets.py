@@ -48,6 +48,7 @@ class ImageDataset(torch.utils.data.Dataset):
     images: np.ndarray | None = None
     files: list[Path] | None = None
     load_size: int | None = None
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out (data.skip_corrupt)
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -229,7 +230,7 @@ def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
         images = np.load(cache / "images.npy", mmap_mode="r")
         ds = base.subset(keep)
         ds.images, ds.files = images, None
-        ds.skipped = meta["skipped"]  # type: ignore[attr-defined]
+        ds.skipped = meta["skipped"]
         return ds
 
     decoded, skipped = _decode_all(files, config.load_size, config.skip_corrupt, f"decoding {root}")
@@ -249,7 +250,7 @@ def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
     _write_cache(cache, images, keep, [str(f) for f in skipped])
     ds = base.subset(keep)
     ds.images, ds.files = np.load(cache / "images.npy", mmap_mode="r"), None
-    ds.skipped = [str(f) for f in skipped]  # type: ignore[attr-defined]
+    ds.skipped = [str(f) for f in skipped]
     return ds
 
 

@@ -15,6 +15,7 @@ from timm.models import register_model
 from torch import nn
 
 from libkd.models.involution import Involution
+from libkd.models.registry import model_kwargs
 
 __all__ = ["RedNet"]
 
@@ -123,8 +124,7 @@ def _rednet(depth: int, cifar: bool, pretrained: bool, **kwargs) -> RedNet:
             f"no pretrained weights are published for rednet{depth} in timm's hub; train one with "
             "`libkd train-teacher` or load a checkpoint with teacher.checkpoint=PATH"
         )
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
+    kwargs = model_kwargs(kwargs)
     model = RedNet(REDNET_LAYERS[depth], cifar_stem=cifar, **kwargs)
     size = 32 if cifar else 224
     model.pretrained_cfg = {"input_size": (3, size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "num_classes": model.num_classes}

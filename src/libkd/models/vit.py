@@ -22,6 +22,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from libkd.models.involution import Involution
+from libkd.models.registry import model_kwargs
 
 __all__ = ["MultiTokenViT"]
 
@@ -152,8 +153,7 @@ def _vit(preset: tuple[int, int, int, int, int], pretrained: bool, **kwargs) -> 
     """``preset`` = (img_size, patch_size, embed_dim, depth, num_heads); ``kwargs`` override it."""
     if pretrained:
         raise ValueError("libkd students are trained from scratch; pretrained=True is not available for them")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
+    kwargs = model_kwargs(kwargs)
     names = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
     return MultiTokenViT(**{**dict(zip(names, preset)), **kwargs})
 
