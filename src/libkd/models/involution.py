@@ -5,9 +5,16 @@ channel reduction) and applied to that pixel's neighbourhood. The reference form
 unfolds the input into a (B, C*K*K, H*W) tensor, K*K times the input's size; here the kernel is
 applied as a sum over the K*K shifted views of the padded input, accumulated in place, with a
 hand-written backward that does the same. Nothing larger than the output is materialised.
+
+That loop is 49 small updates for a 7x7 kernel: right for the CPU (it runs at the speed of a
+depthwise 7x7 convolution there) but launch-bound on a GPU, so CUDA tensors go through the fused
+Triton kernels of :mod:`libkd.models.involution_triton` instead. ``impl=`` or the environment
+variable ``LIBKD_INVOLUTION`` (``auto``, ``triton``, ``shifted``) forces either path.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +78,26 @@ class _InvolutionFn(torch.autograd.Function):
         return grad_x, grad_weight, None, None
 
 
-def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int = 1) -> torch.Tensor:
+IMPLS = ("auto", "triton", "shifted")
+
+
+def resolve_impl(device_type: str, impl: str | None = None) -> str:
+    """The path an involution on ``device_type`` takes: ``impl``, else ``$LIBKD_INVOLUTION``, else by device."""
+    choice = impl or os.environ.get("LIBKD_INVOLUTION", "auto")
+    if choice not in IMPLS:
+        raise ValueError(f"unknown involution implementation {choice!r} (from impl= or LIBKD_INVOLUTION); "
+                         f"choose one of {', '.join(IMPLS)}")
+    if choice == "auto":
+        return "triton" if device_type == "cuda" else "shifted"
+    return choice
+
+
+def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int = 1, impl: str | None = None) -> torch.Tensor:
     """Apply per-pixel kernels ``weight`` (B, G, K*K, Ho, Wo) to ``x`` (B, C, H, W); C must divide by G.
 
     Under autocast both inputs run in the autocast dtype; otherwise ``weight`` follows ``x``.
+    ``impl`` picks the path (see :func:`resolve_impl`): the fused Triton kernels, default on CUDA,
+    or the shifted-view loop, default elsewhere.
     """
     if x.dim() != 4 or weight.dim() != 5:
         raise ValueError(f"involution expects x (B, C, H, W) and weight (B, G, K*K, Ho, Wo), got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -90,7 +113,14 @@ def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: 
         x, weight = x.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(x.dtype)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"involution kernel_size must be odd, got {kernel_size}")
+    path = resolve_impl(device_type, impl)
     with torch.autocast(device_type, enabled=False):
+        if path == "triton":
+            from libkd.models.involution_triton import involution_triton  # imports triton only when used
+
+            return involution_triton(x, weight, kernel_size, stride)
         return _InvolutionFn.apply(x, weight, kernel_size, stride)
 
 
