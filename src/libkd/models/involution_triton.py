@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 BLOCK_P = 64  # output (or input) pixels per program, flattened row-major
+NUM_WARPS = 4
 
 
 def _out_size(size: int, kernel_size: int, stride: int) -> int:
@@ -120,7 +121,7 @@ def _launch(kernel, a: torch.Tensor, bt: torch.Tensor, out: torch.Tensor, x_shap
     grid = (b * groups, triton.cdiv(pixels, BLOCK_P))
     kernel[grid](a, bt, out, c, h, w, out_hw[0], out_hw[1], gc, groups,
                  K=kernel_size, STRIDE=stride, KK=triton.next_power_of_2(kernel_size * kernel_size), BLOCK_P=BLOCK_P,
-                 num_warps=4)
+                 num_warps=NUM_WARPS)
 
 
 @torch.library.custom_op("libkd::involution", mutates_args=())
