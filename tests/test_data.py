@@ -104,6 +104,27 @@ def test_fingerprint_is_stable_and_tracks_files_sizes_labels(image_folder, tmp_p
     assert build_dataset(folder_config(added)).fingerprint != fp
 
 
+def test_same_size_edit_changes_fingerprint_and_pixels(tmp_path):
+    """A BMP re-saved with other pixels keeps its size; its content hash must still change."""
+    root = tmp_path / "bmp"
+    for c in range(2):
+        for i in range(2):
+            write_image(root / f"class{c}" / f"{i}.bmp", 8, seed=10 * c + i, fmt="BMP")
+    target = root / "class0" / "0.bmp"
+    before = build_dataset(folder_config(root))
+    size = target.stat().st_size
+    new_pixels = write_image(target, 8, seed=99, fmt="BMP")
+    assert target.stat().st_size == size
+    after = build_dataset(folder_config(root))
+    assert after.fingerprint != before.fingerprint
+    np.testing.assert_array_equal(after.load_image(0), new_pixels)
+
+
+def test_load_size_is_part_of_the_fingerprint(image_folder):
+    root = image_folder(counts=(2, 2), size=8)
+    assert build_dataset(folder_config(root, load_size=8)).fingerprint != build_dataset(folder_config(root, load_size=6)).fingerprint
+
+
 def test_fingerprint_of_array_sources_tracks_content():
     a = make_synthetic(3, 4, 8, seed=0)
     assert make_synthetic(3, 4, 8, seed=0).fingerprint == a.fingerprint

@@ -283,14 +283,31 @@ def test_killed_precompute_resumes_to_identical_bytes(tmp_path, teachers):
 
 
 def test_two_process_torchrun_equals_one_process(tmp_path, teachers):
+    """Same bytes at the same pinned thread count, whatever the machine's core count."""
     single, multi = tmp_path / "single", tmp_path / "multi"
-    subprocess.run([sys.executable, "-m", "libkd", "precompute", *_cli_args(_overrides(single, teachers))],
+    subprocess.run([sys.executable, "-m", "libkd", "precompute", *_cli_args(_overrides(single, teachers, "store.threads=1"))],
                    check=True, capture_output=True)
     torchrun = Path(sys.executable).with_name("torchrun")
     run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "libkd", "precompute",
-                          *_cli_args(_overrides(multi, teachers))], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          *_cli_args(_overrides(multi, teachers, "store.threads=1"))], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = store_bytes(single), store_bytes(multi)
     assert len([k for k in a if k.endswith(".npy")]) == 2 * 6
     assert a == b
+    assert json.loads(a["manifest.json"])["threads"] == 1
+
+
+def test_other_thread_count_agrees_within_fp16_rounding(tmp_path, teachers):
+    one = config(tmp_path, teachers, "store.threads=1", name="one")
+    three = config(tmp_path, teachers, "store.threads=3", name="three")
+    threads_before = torch.get_num_threads()
+    try:
+        precompute(one)
+        precompute(three)
+    finally:
+        torch.set_num_threads(threads_before)
+    a, b = LogitStore(one.store.path), LogitStore(three.store.path)
+    assert (a.manifest["threads"], b.manifest["threads"]) == (1, 3)
+    for view in range(a.views):
+        for x, y in zip(a.read(np.arange(a.num_samples), view), b.read(np.arange(b.num_samples), view)):
+            assert ((x.float() - y.float()).abs() <= 2 * 2.0**-10 * x.float().abs().clamp(min=1)).all()

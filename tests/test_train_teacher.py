@@ -82,6 +82,26 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
         train_teacher(smoke_config(tmp_path / "run", "train.epochs=1", "train.lr=0.01"))
     with pytest.raises(LibkdError, match="already holds a run"):
         train_teacher(smoke_config(tmp_path / "run", "train.epochs=1", "train.resume=false"))
+    # The inputs are part of the run: other normalisation or input size on resume is refused.
+    with pytest.raises(LibkdError, match="different inputs"):
+        train_teacher(smoke_config(tmp_path / "run", "train.epochs=1", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.2, 0.2, 0.2]"))
+    with pytest.raises(LibkdError, match="different inputs"):
+        train_teacher(smoke_config(tmp_path / "run", "train.epochs=1", "data.image_size=12"))
+
+
+class _Payload:
+    def __reduce__(self):  # what a malicious pickle does: call something on load
+        return (os.system, ("echo unpickled > /dev/null",))
+
+
+def test_resume_state_with_arbitrary_objects_is_not_unpickled(tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"epoch": 1, "payload": _Payload()}, out / "last_state.pt")
+    with pytest.raises(LibkdError, match="objects other than tensors.*delete it"):
+        train_teacher(smoke_config(out, "train.epochs=1"))
 
 
 def test_train_and_val_with_different_classes(tmp_path, image_folder):

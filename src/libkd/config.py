@@ -100,6 +100,10 @@ class StoreConfig(Section):
     shard_size: int = Field(2048, ge=1)
     batch_size: int = Field(256, ge=1)
     workers: int = Field(0, ge=0)
+    # Intra-op threads the teachers run with (None: torch's default, the machine's core count).
+    # A store's bytes are identical across runs, processes and resumptions at one thread count;
+    # across thread counts the fp32 sums round differently and records agree within fp16 rounding.
+    threads: int | None = Field(None, ge=1)
     verify_samples: int = Field(64, ge=1)
 
 

@@ -24,7 +24,8 @@ def sha256_file(path: str | Path) -> str:
 def write_json_atomic(path: str | Path, value: Any) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half of it."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may write the same file
     with open(tmp, "w") as fh:
         fh.write(json.dumps(value, indent=1, sort_keys=True))
         fh.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,19 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _run_identity(cfg: ExperimentConfig, train: ImageDataset) -> dict[str, Any]:
-    """What must not change between a run and its resumption."""
+def _run_identity(cfg: ExperimentConfig, train: ImageDataset, spec: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between a run and its resumption, the model's inputs included."""
     return {"dataset": train.fingerprint, "teacher": cfg.teacher.model_dump(), "train": cfg.train.model_dump(exclude={"resume", "workers"}),
-            "augment": cfg.augment.model_dump(), "seed": cfg.seed}
+            "augment": cfg.augment.model_dump(), "seed": cfg.seed, "inputs": dict(spec, load_size=cfg.data.load_size)}
+
+
+def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """The resume state, read without unpickling arbitrary objects (tensors, numbers, strings, containers)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise LibkdError(f"'{path}' holds objects other than tensors and plain values, so it is not loaded "
+                         f"(it was not written by libkd, or by an older version); delete it to start the run over") from exc
 
 
 def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -102,14 +112,14 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    identity = _run_identity(cfg, train)
+    identity = _run_identity(cfg, train, spec)
 
     start_epoch, history = 0, []
     state_path = out / STATE_FILE
     if state_path.is_file():
         if not cfg.train.resume:
             raise LibkdError(f"'{out}' already holds a run; pick another --out, delete it, or set train.resume=true to continue it")
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = _load_state(state_path, device)
         if state["identity"] != identity:
             changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
             raise LibkdError(f"'{out}' holds a run with a different {', '.join(changed)}; use another --out or delete '{state_path}'")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from libkd import LibkdError
 from libkd.config import DataConfig
+from libkd.fileio import write_json_atomic
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Images up to this size are decoded once into a single uint8 array and cached on disk.
@@ -80,11 +81,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the source, class names, and each sample's key and label."""
+        """sha256 over the source, class names, the load size, and each sample's key and label.
+
+        File keys carry a hash of the file's bytes, array sources hash their pixels in
+        ``source_id``: any change of an image's content changes the fingerprint.
+        """
         if self._fingerprint is None:
             digest = hashlib.sha256()
             digest.update(self.source_id.encode())
             digest.update(json.dumps(self.classes).encode())
+            if self.load_size:
+                digest.update(f"\nload_size={self.load_size}".encode())
             for key, label in zip(self.keys, self.labels.tolist()):
                 digest.update(f"\n{key}\t{label}".encode())
             self._fingerprint = digest.hexdigest()
@@ -204,12 +211,43 @@ def _decode_all(files: list[Path], load_size: int | None, skip_corrupt: bool, de
     return decoded, skipped
 
 
+def content_hashes(files: list[Path], cache_dir: Path) -> list[str]:
+    """sha256 of each file's bytes (first 32 hex digits).
+
+    Hashes are kept in an index beside the image cache and recomputed only for files whose
+    (size, modification time) changed, the way git's index works: cheap on every later load.
+    """
+    stats = [f.stat() for f in files]
+    index_path = cache_dir / "file-hashes" / (hashlib.sha256(str(files[0].parent.parent.resolve()).encode()).hexdigest()[:24] + ".json")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    stamps = [f"{s.st_size}:{s.st_mtime_ns}" for s in stats]
+    names = [f"{f.parent.name}/{f.name}" for f in files]
+    stale = [i for i, (name, stamp) in enumerate(zip(names, stamps)) if index.get(name, [None])[0] != stamp]
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+
+    if stale:
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            fresh = list(tqdm(pool.map(digest, [files[i] for i in stale], chunksize=256), total=len(stale),
+                              desc="hashing images", unit="img", disable=len(stale) < 2000, leave=False))
+        for i, value in zip(stale, fresh):
+            index[names[i]] = [stamps[i], value]
+        try:
+            write_json_atomic(index_path, index)
+        except OSError:
+            pass  # an unwritable cache only costs the hashing next time
+    return [index[name][1] for name in names]
+
+
 def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
     """Read an ImageFolder tree; small images are decoded once and cached as one array."""
     root = Path(root)
     classes, files, labels = _scan_folder(root)
-    stats = [f.stat() for f in files]
-    keys = [f"{f.parent.name}/{f.name}:{s.st_size}" for f, s in zip(files, stats)]
+    keys = [f"{f.parent.name}/{f.name}:{h}" for f, h in zip(files, content_hashes(files, _cache_dir(config)))]
     labels_arr = np.asarray(labels, dtype=np.int64)
     base = ImageDataset(classes=classes, labels=labels_arr, keys=keys, source_id="imagefolder",
                         files=files, load_size=config.load_size)
@@ -218,11 +256,8 @@ def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
     if first > MAX_CACHED_SIZE:
         return base  # large images: decoded per item by the DataLoader workers
 
-    # The cache key adds modification times to the fingerprint, so an edited file is re-read.
-    cache_key = hashlib.sha256(
-        f"{base.fingerprint}|{config.load_size}|{config.skip_corrupt}|".encode()
-        + "|".join(str(s.st_mtime_ns) for s in stats).encode()
-    ).hexdigest()[:32]
+    # The fingerprint holds every file's content hash, so an edited file is decoded again.
+    cache_key = hashlib.sha256(f"{base.fingerprint}|{config.load_size}|{config.skip_corrupt}".encode()).hexdigest()[:32]
     cache = _cache_dir(config) / f"imagefolder-{cache_key}"
     if (cache / "meta.json").is_file():
         meta = json.loads((cache / "meta.json").read_text())

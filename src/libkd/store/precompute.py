@@ -128,6 +128,8 @@ def _worker_init(_: int) -> None:
 def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     """Build (or finish) the store at ``cfg.store.path``; returns the build statistics."""
     rank, world, device = _dist_setup(cfg)
+    if cfg.store.threads:
+        torch.set_num_threads(cfg.store.threads)
     root = Path(cfg.store.path)
     dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
     teachers = load_teachers(cfg.store.teachers, dataset.classes, device)
@@ -156,6 +158,7 @@ def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             "data_config": cfg.data.model_dump(mode="json"), "replay": cfg.replay.model_dump(mode="json"),
             "dataset_classes": dataset.classes, "teacher_checkpoints": [t.path for t in teachers],
             "teacher_kinds": [teacher_kind(t.model) for t in teachers], "record_bytes": dtype.itemsize,
+            "threads": torch.get_num_threads(),
             "num_shards": num_shards,
         })
     _barrier()
