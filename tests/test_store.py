@@ -182,6 +182,46 @@ def test_a_store_built_for_something_else_is_refused(tmp_path, teachers, change,
         precompute(other)
 
 
+def _expected(cfg, teachers):
+    dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
+    loaded = load_teachers(teachers, dataset.classes, torch.device("cpu"))
+    return store_identity(cfg, dataset, loaded, *view_spec(cfg.data, dataset))
+
+
+def test_a_store_whose_augmentation_no_longer_replays_is_refused(tmp_path, teachers, monkeypatch):
+    cfg = config(tmp_path, teachers)
+    precompute(cfg)
+    manifest = LogitStore(cfg.store.path).manifest
+    assert manifest["versions"]["numpy"] == np.__version__ and len(manifest["replay_probe"]) == 64
+    LogitStore(cfg.store.path, expected=_expected(cfg, teachers))  # replays identically here
+    real_crop = ReplayAugment._random_resized_crop
+
+    def drifted_crop(self, img, rng):  # what another PIL or NumPy release might do: one pixel off
+        out = real_crop(self, img, rng)
+        return out.transpose(0) if rng.random() < 0.5 else out
+
+    monkeypatch.setattr(ReplayAugment, "_random_resized_crop", drifted_crop)
+    with pytest.raises(StoreError, match="replay_probe: the stored augmentation does not replay to the same pixels here"):
+        LogitStore(cfg.store.path, expected=_expected(cfg, teachers))
+    with pytest.raises(StoreError, match="replay_probe"):
+        verify_store(cfg.store.path, samples=2)
+
+
+def test_every_identity_field_is_required_on_both_sides(tmp_path, teachers):
+    cfg = config(tmp_path, teachers)
+    precompute(cfg)
+    partial = _expected(cfg, teachers)
+    del partial["views"]
+    with pytest.raises(StoreError, match="views: missing from this run's expected identity"):
+        LogitStore(cfg.store.path, expected=partial)
+    manifest_path = Path(cfg.store.path) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["replay_probe"]  # a store written before the probe existed
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="replay_probe: missing from the store"):
+        LogitStore(cfg.store.path, expected=_expected(cfg, teachers))
+
+
 def test_other_teacher_weights_are_refused(tmp_path, teachers):
     cfg = config(tmp_path, teachers)
     precompute(cfg)

@@ -57,6 +57,36 @@ def recipe_hash(recipe: ReplayConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of everything that decides a replayed view's pixels (recorded in store manifests)."""
+    import platform
+
+    import PIL
+    import timm
+    import torchvision
+
+    from libkd import __version__
+
+    return {"libkd": __version__, "replay_impl": str(REPLAY_IMPL_VERSION), "python": platform.python_version(),
+            "numpy": np.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "pillow": PIL.__version__, "timm": timm.__version__}
+
+
+def replay_probe(augment: "ReplayAugment", views: int, samples: int = 8) -> str:
+    """sha256 of the replayed views of the first ``samples`` samples, every view: pixels, partner, ratio.
+
+    Stored in a manifest and recomputed on use, it catches a store whose augmentation no longer
+    replays identically here (another NumPy random stream, another PIL or torchvision op).
+    """
+    digest = hashlib.sha256()
+    for view in range(views):
+        for index in range(min(samples, len(augment.dataset))):
+            out = augment(index, view)
+            digest.update(out.image.contiguous().numpy().tobytes())
+            digest.update(f"|{out.partner}|{out.lam!r}|".encode())
+    return digest.hexdigest()
+
+
 def view_rng(seed: int, index: int, view: int, stream: int) -> np.random.Generator:
     """The generator for one (sample, view); ``stream`` separates the base view from the mixing draw."""
     return np.random.default_rng([seed, index, view, stream])

@@ -23,7 +23,8 @@ from libkd.store.codec import decode, record_dtype
 
 FORMAT = "libkd-store/1"
 # Manifest fields that must match between a store and the run that uses (or resumes) it.
-IDENTITY_FIELDS = ("dataset", "teachers", "augmentation", "image_size", "mean", "std", "views", "encoding", "topk", "shard_size")
+IDENTITY_FIELDS = ("dataset", "teachers", "augmentation", "image_size", "mean", "std", "views", "encoding", "topk",
+                   "shard_size", "replay_probe")
 
 
 class StoreError(LibkdError):
@@ -50,11 +51,25 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _version_changes(stored: dict[str, Any], expected: dict[str, Any]) -> str:
+    old, new = stored.get("versions") or {}, expected.get("versions") or {}
+    changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return f" (library versions changed: {', '.join(changed)})" if changed else " (same library versions: another machine or platform)"
+
+
 def identity_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two manifests' identity fields."""
+    """Human-readable differences between two manifests' identity fields; every field must be on both sides."""
     problems = []
     for key in IDENTITY_FIELDS:
-        if key not in expected or stored.get(key) == expected[key]:
+        if key not in stored or key not in expected:
+            side = "the store" if key not in stored else "this run's expected identity"
+            problems.append(f"{key}: missing from {side} (a store from an older libkd, or an incomplete identity)")
+            continue
+        if stored[key] == expected[key]:
+            continue
+        if key == "replay_probe":
+            problems.append("replay_probe: the stored augmentation does not replay to the same pixels here"
+                            + _version_changes(stored, expected))
             continue
         if key == "teachers" and isinstance(stored.get(key), list) and len(stored[key]) == len(expected[key]):
             for i, (a, b) in enumerate(zip(stored[key], expected[key])):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from libkd import LibkdError, __version__
 from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, save_config
 from libkd.data import ImageDataset, build_dataset
-from libkd.data.replay import ReplayAugment, ReplayDataset, recipe_hash
+from libkd.data.replay import ReplayAugment, ReplayDataset, library_versions, recipe_hash, replay_probe
 from libkd.engine import resolve_device
 from libkd.models import build_from_checkpoint, teacher_kind
 from libkd.store.codec import decode, encode, record_dtype
@@ -90,7 +90,11 @@ def view_spec(data: DataConfig, dataset: ImageDataset) -> tuple[int, list[float]
 
 def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[Teacher], size: int,
                    mean: list[float], std: list[float]) -> dict[str, Any]:
-    """The manifest fields that say what a store was built from (compared on resume and on use)."""
+    """The manifest fields that say what a store was built from (compared on resume and on use).
+
+    ``versions`` is carried along to explain a replay-probe mismatch; it is not compared itself.
+    """
+    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std)
     return {
         "dataset": {"fingerprint": dataset.fingerprint, "num_samples": len(dataset), "num_classes": dataset.num_classes},
         "teachers": [{"name": t.meta["arch"]["name"], "weights_sha256": t.meta["weights_sha256"],
@@ -100,6 +104,8 @@ def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[
         "views": cfg.store.views, "encoding": cfg.store.encoding,
         "topk": cfg.store.topk if cfg.store.encoding == "topk" else None,
         "shard_size": cfg.store.shard_size,
+        "replay_probe": replay_probe(augment, cfg.store.views),
+        "versions": library_versions(),
     }
 
 
@@ -255,6 +261,9 @@ def verify_store(root: str | Path, samples: int, device: str = "cpu", seed: int 
             raise StoreError(f"teacher checkpoint '{teacher.path}' changed since the store was built (weights sha256 differs)")
     augment = ReplayAugment(dataset, ReplayConfig.model_validate(m["replay"]), m["augmentation"]["seed"],
                             m["image_size"], m["mean"], m["std"])
+    problems = identity_differences(m, {**m, "replay_probe": replay_probe(augment, m["views"]), "versions": library_versions()})
+    if problems:
+        raise StoreError(f"store '{root}': " + "; ".join(problems) + ". Rebuild it with `libkd precompute` on this machine")
     rng = np.random.default_rng(seed)
     picks = [(int(rng.integers(store.num_samples)), int(rng.integers(store.views))) for _ in range(samples)]
     worst = 0.0
