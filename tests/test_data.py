@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
 
 import numpy as np
 import pytest
+import torch
+import torchvision
 from PIL import Image
 
 from conftest import SHARED_CIFAR, write_image
@@ -261,13 +264,34 @@ def test_corrupt_image_is_named_and_can_be_skipped(image_folder):
     assert ds.class_counts() == [3, 2]
 
 
-def test_mixed_sizes_error_and_load_size_fix(image_folder):
+def test_mixed_sizes_decode_per_item_or_resize_on_load(image_folder):
     root = image_folder(counts=(2, 2), size=8)
-    write_image(root / "class1" / "odd.png", (12, 10))
-    with pytest.raises(DataError, match="different sizes.*data.load_size"):
-        build_dataset(folder_config(root))
-    ds = build_dataset(folder_config(root, load_size=8))
-    assert ds.image_size == (8, 8) and len(ds) == 5
+    odd = write_image(root / "class1" / "odd.png", (12, 10))
+    ds = build_dataset(folder_config(root))
+    assert ds.image_size is None and len(ds) == 5 and ds.images is None
+    np.testing.assert_array_equal(ds.load_image(ds.keys.index(next(k for k in ds.keys if k.startswith("class1/odd")))), odd)
+    # Statistics are summed per image, so mixed sizes need no stacking.
+    pixels = np.concatenate([ds.load_image(i).reshape(-1, 3) for i in range(len(ds))]) / 255.0
+    mean, std = ds.mean_std()
+    np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-4)
+    np.testing.assert_allclose(std, pixels.std(0), atol=1e-4)
+    resized = build_dataset(folder_config(root, load_size=8))
+    assert resized.image_size == (8, 8) and len(resized) == 5
+
+
+@pytest.mark.parametrize("shape,crop_pct", [((3, 64, 80), 1.0), ((3, 85, 64), 1.0), ((3, 40, 40), 0.875), ((3, 20, 50), 0.875)])
+def test_eval_transform_is_timms_resize_then_centre_crop(shape, crop_pct):
+    from libkd.data.transforms import eval_transform
+
+    image = torch.randint(0, 256, shape, dtype=torch.uint8)
+    out = eval_transform(32, crop_pct, [0.5] * 3, [0.25] * 3)(image)
+    assert out.shape == (3, 32, 32)
+    short = min(shape[1:])
+    scale = math.floor(32 / crop_pct)
+    expected = torchvision.transforms.v2.functional.center_crop(
+        torchvision.transforms.v2.functional.resize(image, scale, antialias=True), [32, 32])
+    torch.testing.assert_close(out, (expected.float() / 255 - 0.5) / 0.25)
+    assert short != scale
 
 
 def test_cli_data_info_on_a_folder(image_folder, capsys):

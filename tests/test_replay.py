@@ -105,18 +105,28 @@ def test_disabled_recipe_is_the_plain_image():
 def test_recipe_hash_tracks_every_field():
     base = recipe_hash(ReplayConfig())
     assert recipe_hash(ReplayConfig()) == base
-    for change in ({"hflip": 0.0}, {"randaug_m": 5}, {"mixup_alpha": 0.2}, {"crop_scale": (0.5, 1.0)}, {"enabled": False}):
+    for change in ({"hflip": 0.0}, {"auto_augment": "rand-m5-mstd0.5-inc1"}, {"mixup_alpha": 0.2},
+                   {"crop_scale": (0.5, 1.0)}, {"enabled": False}, {"interpolation": "bicubic"}):
         assert recipe_hash(ReplayConfig(**change)) != base, change
 
 
-def test_unknown_randaug_op_is_a_config_error():
-    with pytest.raises(ConfigError, match="replay.randaug_ops"):
-        load_config(None, ["replay.randaug_ops=[rotate, twirl]"])
+@pytest.mark.parametrize("text,match", [
+    ("rand-m15", "outside timm's scale 0-10"),
+    ("rand-m9-twist3", "cannot read 'twist3'"),
+    ("augmix-m5", "must start with 'rand-'"),
+    ("rand-m9-p1.5", "not a probability"),
+])
+def test_bad_augmentation_strings_are_config_errors(text, match):
+    with pytest.raises(ConfigError, match=f"replay.auto_augment.*{match}"):
+        load_config(None, [f"replay.auto_augment={text}"])
 
 
-@pytest.mark.parametrize("op", ReplayConfig().randaug_ops)
-def test_every_randaug_op_runs_and_replays(op):
-    aug = make_augment(randaug_ops=[op], randaug_n=3, mix_prob=0.0, erase_prob=0.0)
+def test_randaugment_draws_replay_and_differ_between_views():
+    aug = make_augment(auto_augment="rand-m9-n3-mstd0.5-inc1-p1", mix_prob=0.0, erase_prob=0.0, hflip=0.0, crop_scale=(1.0, 1.0),
+                       crop_ratio=(1.0, 1.0))
+    plain = make_augment(auto_augment=None, mix_prob=0.0, erase_prob=0.0, hflip=0.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
     first = aug(1, 0).image
     assert first.shape == (3, 16, 16) and torch.isfinite(first).all()
     assert torch.equal(first, aug(1, 0).image)
+    changed = sum(not torch.equal(aug(i, v).image, plain(i, v).image) for i in range(10) for v in range(2))
+    assert changed >= 15  # three ops at p=1: almost every view is altered

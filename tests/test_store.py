@@ -351,3 +351,28 @@ def test_other_thread_count_agrees_within_fp16_rounding(tmp_path, teachers):
     for view in range(a.views):
         for x, y in zip(a.read(np.arange(a.num_samples), view), b.read(np.arange(b.num_samples), view)):
             assert ((x.float() - y.float()).abs() <= 2 * 2.0**-10 * x.float().abs().clamp(min=1)).all()
+
+
+def test_mixed_size_folder_end_to_end_through_train_teacher_and_precompute(tmp_path):
+    """Images of several sizes and aspect ratios: teacher training, evaluation and the store all work."""
+    from conftest import write_image
+    from libkd.train_teacher import train_teacher
+
+    root = tmp_path / "mixed"
+    sizes = [(20, 16), (24, 30), (18, 18), (40, 22)]
+    for split, count in (("train", 6), ("test", 2)):
+        for c in range(2):
+            for i in range(count):
+                write_image(root / split / f"class{c}" / f"{i}.png", sizes[(i + c) % len(sizes)], seed=100 * c + i)
+    data = ["data.source=imagefolder", f"data.root={root}", "data.image_size=16"]
+    teacher_cfg = load_config(None, data + [f"out={tmp_path / 'teacher'}", "teacher.name=resnet18",
+                                            "teacher.kwargs={channels: [8, 8, 8, 8], stem_width: 8}", "train.epochs=1",
+                                            "train.batch_size=4", "train.tensorboard=false"])
+    stats = train_teacher(teacher_cfg)
+    assert 0 <= stats["val_top1"] <= 100
+    store_cfg = load_config(None, data + [f"store.path={tmp_path / 'store'}", f"store.teachers=[{tmp_path / 'teacher' / 'teacher'}]",
+                                          "store.views=2", "store.batch_size=4"])
+    precompute(store_cfg)
+    store = LogitStore(store_cfg.store.path, expected=_expected(store_cfg, store_cfg.store.teachers))
+    (logits,) = store.read(np.arange(12), 1)
+    assert logits.shape == (12, 2) and torch.isfinite(logits).all()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from libkd import LibkdError
 
@@ -53,6 +53,9 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     # Model input size; images are resized to it when they differ (None: the data set's own size).
     image_size: int | None = Field(None, ge=4)
+    # Evaluation geometry, as timm: resize the short side to image_size / crop_pct, then centre
+    # crop (1.0: no margin, right for small images at their native size; ImageNet uses 0.875).
+    crop_pct: float = Field(1.0, gt=0, le=1)
     # Normalisation (0-1 scale); None: computed from the training split.
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -67,26 +70,32 @@ class AugmentConfig(Section):
     hflip: float = Field(0.5, ge=0, le=1)
 
 
-RANDAUG_OPS = ["autocontrast", "brightness", "color", "contrast", "equalize", "identity", "posterize", "rotate",
-               "sharpness", "shear_x", "shear_y", "solarize", "translate_x", "translate_y"]
-
-
 class ReplayConfig(Section):
     """Replayable augmentation recipe (fingerprinted in stores): crop, flip, RandAugment, jitter, erase, mix."""
 
-    enabled: bool = True  # false: resize + normalise only (the naive single-view baseline)
+    enabled: bool = True  # false: resize + centre crop + normalise only (the naive single-view baseline)
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     hflip: float = Field(0.5, ge=0, le=1)
-    randaug_n: int = Field(2, ge=0)
-    randaug_m: float = Field(9.0, ge=0, le=30)
-    randaug_ops: list[Literal[tuple(RANDAUG_OPS)]] = list(RANDAUG_OPS)  # type: ignore[valid-type]
+    # timm's RandAugment string (DeiT: rand-m9-mstd0.5-inc1); null turns RandAugment off.
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    # Resampling of the geometric RandAugment ops (rotate, shear, translate).
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     color_jitter: float = Field(0.0, ge=0)
     erase_prob: float = Field(0.25, ge=0, le=1)
     mixup_alpha: float = Field(0.8, ge=0)
     cutmix_alpha: float = Field(1.0, ge=0)
     mix_prob: float = Field(1.0, ge=0, le=1)
     switch_prob: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from libkd.data.randaugment import parse_rand_augment
+
+            parse_rand_augment(value)  # a ValueError here names the bad section
+        return value
 
 
 class StoreConfig(Section):

@@ -57,19 +57,19 @@ def input_spec(cfg: ExperimentConfig, train: ImageDataset) -> dict[str, Any]:
     if size and size[0] != size[1] and cfg.data.image_size is None:
         raise LibkdError(f"images are {size[1]}x{size[0]} (not square); set data.image_size=N to resize them")
     mean, std = (cfg.data.mean, cfg.data.std) if cfg.data.mean and cfg.data.std else train.mean_std()
-    return {"input_size": cfg.data.image_size or source, "source_size": source, "mean": list(mean), "std": list(std)}
+    return {"input_size": cfg.data.image_size or source, "crop_pct": cfg.data.crop_pct, "mean": list(mean), "std": list(std)}
 
 
 def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec: dict[str, Any]):
-    size, src, mean, std = spec["input_size"], spec["source_size"], spec["mean"], spec["std"]
+    size, crop_pct, mean, std = spec["input_size"], spec["crop_pct"], spec["mean"], spec["std"]
     generator = torch.Generator()
     train_loader = torch.utils.data.DataLoader(
-        TransformedDataset(train, train_transform(cfg.augment, size, src, mean, std)),
+        TransformedDataset(train, train_transform(cfg.augment, size, mean, std)),
         batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train) > cfg.train.batch_size,
         num_workers=cfg.train.workers, generator=generator, persistent_workers=False,
     )
     val_loader = torch.utils.data.DataLoader(
-        TransformedDataset(val, eval_transform(size, src, mean, std)),
+        TransformedDataset(val, eval_transform(size, crop_pct, mean, std)),
         batch_size=cfg.train.eval_batch_size, num_workers=cfg.train.workers,
     )
     return train_loader, val_loader, generator
@@ -169,7 +169,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
 def _save_teacher(model: nn.Module, out: Path, arch: dict, spec: dict, train: ImageDataset, stats: dict, cfg: ExperimentConfig) -> None:
     save_checkpoint(
         model, out / "teacher", arch,
-        input_size=spec["input_size"], mean=spec["mean"], std=spec["std"],
+        input_size=spec["input_size"], crop_pct=spec["crop_pct"], mean=spec["mean"], std=spec["std"],
         dataset={"fingerprint": train.fingerprint, "source": cfg.data.source, "classes": train.classes},
         metrics={"epoch": stats["epoch"], "val_top1": stats["val_top1"], "val_top5": stats["val_top5"]},
     )

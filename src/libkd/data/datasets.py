@@ -120,12 +120,10 @@ class ImageDataset(torch.utils.data.Dataset):
         total = np.zeros(3)
         total_sq = np.zeros(3)
         count = 0
-        for start in range(0, len(pick), 1024):
-            rows = pick[start : start + 1024]
-            if self.images is not None:
-                chunk = np.asarray(self.images[rows])
-            else:
-                chunk = np.stack([self.load_image(i) for i in rows])
+        # Sums per chunk of the cached array, or per image: images may differ in size.
+        chunks = ((np.asarray(self.images[pick[s : s + 1024]]) for s in range(0, len(pick), 1024)) if self.images is not None
+                  else (self.load_image(int(i)) for i in pick))
+        for chunk in chunks:
             pixels = chunk.reshape(-1, 3).astype(np.float64) / 255.0
             total += pixels.sum(0)
             total_sq += (pixels**2).sum(0)
@@ -275,12 +273,10 @@ def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
     shapes: dict[tuple[int, ...], int] = {}
     for i in keep:
         shapes.setdefault(decoded[i].shape, i)  # type: ignore[union-attr]
-    if len(shapes) > 1:
-        (shape_a, ia), (shape_b, ib) = list(shapes.items())[:2]
-        raise DataError(
-            f"images in '{root}' have different sizes: '{files[ia]}' is {shape_a[1]}x{shape_a[0]}, "
-            f"'{files[ib]}' is {shape_b[1]}x{shape_b[0]}; set data.load_size=N to resize every image to NxN on load"
-        )
+    if len(shapes) > 1:  # mixed sizes: no single array, so decode per item (models then need data.image_size)
+        ds = base.subset(keep)
+        ds.skipped = [str(f) for f in skipped]
+        return ds
     images = np.stack([decoded[i] for i in keep])  # type: ignore[misc]
     _write_cache(cache, images, keep, [str(f) for f in skipped])
     ds = base.subset(keep)

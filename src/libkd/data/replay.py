@@ -22,33 +22,14 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
-from libkd.config import RANDAUG_OPS as CONFIG_OPS
 from libkd.config import ReplayConfig
 from libkd.data.datasets import ImageDataset
-
-# RandAugment-style ops: name -> (magnitude at m=10, signed). Magnitudes follow timm's scale.
-RANDAUG_OPS: dict[str, tuple[float, bool]] = {
-    "identity": (0.0, False),
-    "autocontrast": (0.0, False),
-    "equalize": (0.0, False),
-    "rotate": (30.0, True),
-    "solarize": (256.0, False),  # threshold falls from 256 towards 0 with magnitude
-    "color": (0.9, True),
-    "posterize": (4.0, False),  # bits removed
-    "contrast": (0.9, True),
-    "brightness": (0.9, True),
-    "sharpness": (0.9, True),
-    "shear_x": (0.3, True),
-    "shear_y": (0.3, True),
-    "translate_x": (0.45, True),
-    "translate_y": (0.45, True),
-}
-assert sorted(RANDAUG_OPS) == sorted(CONFIG_OPS), "config.RANDAUG_OPS and replay.RANDAUG_OPS must name the same ops"
-
+from libkd.data.randaugment import parse_rand_augment, rand_augment
+from libkd.data.transforms import resize_center_crop
 
 # Bump when the pixels a recipe produces change (an op's implementation, the RNG draw order):
 # it is part of the recipe hash, so stores built by the old code are refused, not silently reused.
-REPLAY_IMPL_VERSION = 2
+REPLAY_IMPL_VERSION = 3
 
 
 def recipe_hash(recipe: ReplayConfig) -> str:
@@ -103,10 +84,12 @@ class ReplayAugment:
     """Builds view ``view`` of sample ``index`` of ``dataset`` deterministically from ``seed``."""
 
     def __init__(self, dataset: ImageDataset, recipe: ReplayConfig, seed: int, image_size: int,
-                 mean: Sequence[float], std: Sequence[float]):
-        self.dataset, self.recipe, self.seed, self.size = dataset, recipe, seed, image_size
+                 mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0):
+        self.dataset, self.recipe, self.seed, self.size, self.crop_pct = dataset, recipe, seed, image_size, crop_pct
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.rand_augment = parse_rand_augment(recipe.auto_augment) if recipe.auto_augment else None
+        self.fill = tuple(min(255, round(255 * m)) for m in mean)  # timm fills with the data set's mean colour
 
     def __call__(self, index: int, view: int) -> ReplayedView:
         image = self.base_view(index, view)
@@ -150,8 +133,8 @@ class ReplayAugment:
         img = self._random_resized_crop(img, rng)
         if rng.random() < r.hflip:
             img = F.horizontal_flip(img)
-        for _ in range(r.randaug_n):
-            img = self._randaug_op(img, r.randaug_ops[int(rng.integers(len(r.randaug_ops)))], rng)
+        if self.rand_augment is not None:
+            img = rand_augment(img, self.rand_augment, rng, self.fill, r.interpolation)
         if r.color_jitter > 0:
             lo, hi = max(0.0, 1 - r.color_jitter), 1 + r.color_jitter
             img = F.adjust_brightness(img, float(rng.uniform(lo, hi)))
@@ -165,9 +148,7 @@ class ReplayAugment:
     # -- pieces ------------------------------------------------------------------------------
 
     def _resize(self, img: Image.Image) -> Image.Image:
-        if img.size != (self.size, self.size):
-            img = F.resize(img, [self.size, self.size], antialias=True)
-        return img
+        return resize_center_crop(img, self.size, self.crop_pct)  # the evaluation view: the clean image
 
     def _normalise(self, img: Image.Image) -> torch.Tensor:
         pixels = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)
@@ -188,39 +169,6 @@ class ReplayAugment:
                 left = int(rng.integers(0, width - w + 1))
                 return F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
         return self._resize(img)  # fall back to the whole image
-
-    def _randaug_op(self, img: Image.Image, name: str, rng: np.random.Generator) -> Image.Image:
-        top, signed = RANDAUG_OPS[name]
-        magnitude = top * self.recipe.randaug_m / 10.0
-        if signed and rng.random() < 0.5:
-            magnitude = -magnitude
-        size = img.size[0]
-        if name == "identity":
-            return img
-        if name == "autocontrast":
-            return F.autocontrast(img)
-        if name == "equalize":
-            return F.equalize(img)
-        if name == "rotate":
-            return F.rotate(img, magnitude, fill=[128, 128, 128])
-        if name == "solarize":
-            return F.solarize(img, max(0.0, 256.0 - magnitude))
-        if name == "posterize":
-            return F.posterize(img, max(1, 8 - int(magnitude)))
-        if name == "color":
-            return F.adjust_saturation(img, 1.0 + magnitude)
-        if name == "contrast":
-            return F.adjust_contrast(img, 1.0 + magnitude)
-        if name == "brightness":
-            return F.adjust_brightness(img, 1.0 + magnitude)
-        if name == "sharpness":
-            return F.adjust_sharpness(img, 1.0 + magnitude)
-        shear = [math.degrees(math.atan(magnitude)), 0.0] if name == "shear_x" else [0.0, math.degrees(math.atan(magnitude))]
-        if name.startswith("shear"):
-            return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=[128, 128, 128])
-        shift = int(round(magnitude * size))
-        translate = [shift, 0] if name == "translate_x" else [0, shift]
-        return F.affine(img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], fill=[128, 128, 128])
 
     def _erase(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         _, height, width = img.shape

@@ -23,7 +23,7 @@ from libkd.store.codec import decode, record_dtype
 
 FORMAT = "libkd-store/1"
 # Manifest fields that must match between a store and the run that uses (or resumes) it.
-IDENTITY_FIELDS = ("dataset", "teachers", "augmentation", "image_size", "mean", "std", "views", "encoding", "topk",
+IDENTITY_FIELDS = ("dataset", "teachers", "augmentation", "image_size", "crop_pct", "mean", "std", "views", "encoding", "topk",
                    "shard_size", "replay_probe")
 
 

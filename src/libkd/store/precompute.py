@@ -94,13 +94,13 @@ def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[
 
     ``versions`` is carried along to explain a replay-probe mismatch; it is not compared itself.
     """
-    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std)
+    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
     return {
         "dataset": {"fingerprint": dataset.fingerprint, "num_samples": len(dataset), "num_classes": dataset.num_classes},
         "teachers": [{"name": t.meta["arch"]["name"], "weights_sha256": t.meta["weights_sha256"],
                       "num_classes": t.meta["arch"]["num_classes"]} for t in teachers],
         "augmentation": {"sha256": recipe_hash(cfg.replay), "seed": cfg.seed},
-        "image_size": size, "mean": mean, "std": std,
+        "image_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std,
         "views": cfg.store.views, "encoding": cfg.store.encoding,
         "topk": cfg.store.topk if cfg.store.encoding == "topk" else None,
         "shard_size": cfg.store.shard_size,
@@ -169,7 +169,7 @@ def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         })
     _barrier()
 
-    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std)
+    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
     mine = [s for s in range(rank, num_shards, world) if not done_file(root, s).is_file()]
     total = sum(min(len(dataset), (s + 1) * cfg.store.shard_size) - s * cfg.store.shard_size for s in mine) * cfg.store.views
     done_before = len([s for s in range(rank, num_shards, world)]) - len(mine)
@@ -260,7 +260,7 @@ def verify_store(root: str | Path, samples: int, device: str = "cpu", seed: int 
         if teacher.meta["weights_sha256"] != m["teachers"][t]["weights_sha256"]:
             raise StoreError(f"teacher checkpoint '{teacher.path}' changed since the store was built (weights sha256 differs)")
     augment = ReplayAugment(dataset, ReplayConfig.model_validate(m["replay"]), m["augmentation"]["seed"],
-                            m["image_size"], m["mean"], m["std"])
+                            m["image_size"], m["mean"], m["std"], m["crop_pct"])
     problems = identity_differences(m, {**m, "replay_probe": replay_probe(augment, m["views"]), "versions": library_versions()})
     if problems:
         raise StoreError(f"store '{root}': " + "; ".join(problems) + ". Rebuild it with `libkd precompute` on this machine")
