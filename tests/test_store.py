@@ -376,3 +376,64 @@ def test_mixed_size_folder_end_to_end_through_train_teacher_and_precompute(tmp_p
     store = LogitStore(store_cfg.store.path, expected=_expected(store_cfg, store_cfg.store.teachers))
     (logits,) = store.read(np.arange(12), 1)
     assert logits.shape == (12, 2) and torch.isfinite(logits).all()
+
+
+def _many_shard_store(root: Path, shards: int, classes: int = 3) -> Path:
+    """A complete fp16 store of one view and ``shards`` one-sample shards per teacher, written directly."""
+    from libkd.fileio import sha256_file
+    from libkd.store.format import FORMAT, shard_file
+
+    dtype = record_dtype("fp16", classes, 0)
+    entries = []
+    (root / "shards").mkdir(parents=True)
+    for s in range(shards):
+        files = {}
+        for t in range(2):
+            records = encode(torch.full((1, classes), float(s % 1000) + t), "fp16", 0).reshape(1, 1)
+            path = shard_file(root, t, s)
+            np.save(path, records.astype(dtype))
+            files[str(t)] = {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        entries.append({"index": s, "start": s, "stop": s + 1, "files": files})
+    manifest = {"format": FORMAT, "complete": True, "views": 1, "shard_size": 1, "encoding": "fp16", "topk": None,
+                "dataset": {"num_samples": shards, "num_classes": classes}, "teachers": [{}, {}], "shards": entries}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_thousands_of_shards_read_within_a_small_descriptor_limit(tmp_path):
+    root = _many_shard_store(tmp_path / "big", 2000)
+    script = (
+        "import resource, numpy as np\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n"
+        "from libkd.store import LogitStore\n"
+        f"store = LogitStore({str(root)!r})\n"
+        "for start in range(0, 2000, 100):\n"
+        "    a, b = store.read(np.arange(start, start + 100), 0)\n"
+        "    assert (a[:, 0] == np.arange(start, start + 100) % 1000).all() and (b == a + 1).all()\n"
+        "print('read', len(store._open))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["read", "64"]
+
+
+class _StoreReader(torch.utils.data.Dataset):
+    def __init__(self, store: LogitStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int):
+        return self.store.read(np.array([i]), 0)[0][0]
+
+
+def test_logit_store_is_cheap_to_pickle_and_works_in_spawned_workers(tmp_path):
+    import pickle
+
+    store = LogitStore(_many_shard_store(tmp_path / "s", 40))
+    store.read(np.arange(40), 0)  # every shard mapped here
+    assert len(pickle.dumps(store)) < 20_000  # manifest and paths only
+    loader = torch.utils.data.DataLoader(_StoreReader(store), batch_size=8, num_workers=1, multiprocessing_context="spawn")
+    rows = torch.cat(list(loader))
+    assert torch.equal(rows[:, 0], torch.arange(40, dtype=rows.dtype))

@@ -11,6 +11,7 @@ A record is keyed by (sample index, view); training at epoch e reads view e mod 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +87,13 @@ def identity_differences(stored: dict[str, Any], expected: dict[str, Any]) -> li
 
 
 class LogitStore:
-    """Read access to a complete store: ``read(indices, view)`` gathers a batch for every teacher."""
+    """Read access to a complete store: ``read(indices, view)`` gathers a batch for every teacher.
 
-    def __init__(self, root: str | Path, expected: dict[str, Any] | None = None, verify: str = "size"):
+    Shard files are memory-mapped on first use, at most ``max_open`` at a time (an ImageNet store
+    has thousands), and a pickled store (for DataLoader workers) carries no mapped data.
+    """
+
+    def __init__(self, root: str | Path, expected: dict[str, Any] | None = None, verify: str = "size", max_open: int = 64):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         if not self.manifest.get("complete"):
@@ -105,11 +110,19 @@ class LogitStore:
         self.num_samples, self.num_classes = m["dataset"]["num_samples"], m["dataset"]["num_classes"]
         self.num_teachers = len(m["teachers"])
         self.dtype = record_dtype(m["encoding"], self.num_classes, m["topk"] or 0)
-        self.shards: list[list[np.ndarray]] = []  # [teacher][shard] -> memmap (views, n)
-        for t in range(self.num_teachers):
-            self.shards.append([self._open(t, entry, verify) for entry in m["shards"]])
+        self.max_open = max_open
+        for entry in m["shards"]:  # existence, size (and checksum) now; the files open lazily on first read
+            for t in range(self.num_teachers):
+                self._check_file(t, entry, verify)
+        self._open: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
-    def _open(self, teacher: int, entry: dict[str, Any], verify: str) -> np.ndarray:
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled for DataLoader workers: the paths and manifest travel, never the mapped data.
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+    def _check_file(self, teacher: int, entry: dict[str, Any], verify: str) -> None:
         path = shard_file(self.root, teacher, entry["index"])
         info = entry["files"][str(teacher)]
         if not path.is_file():
@@ -121,10 +134,23 @@ class LogitStore:
         if verify == "full" and sha256_file(path) != info["sha256"]:
             raise StoreError(f"shard file '{path}' is corrupted (sha256 differs from the manifest); "
                              "delete it and its .done.json, then rerun `libkd precompute` to rebuild that shard")
+
+    def _shard(self, teacher: int, shard: int) -> np.ndarray:
+        """The memory map of one shard file; at most ``max_open`` stay open (each holds a file descriptor)."""
+        key = (teacher, shard)
+        array = self._open.get(key)
+        if array is not None:
+            self._open.move_to_end(key)
+            return array
+        entry = self.manifest["shards"][shard]
+        path = shard_file(self.root, teacher, entry["index"])
         array = np.load(path, mmap_mode="r")
         expected_shape = (self.views, entry["stop"] - entry["start"])
         if array.shape != expected_shape or array.dtype != self.dtype:
             raise StoreError(f"shard file '{path}' holds {array.shape} {array.dtype}, expected {expected_shape} {self.dtype}")
+        self._open[key] = array
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)  # the last reference: its map and descriptor close now
         return array
 
     def verify_checksums(self) -> list[str]:
@@ -147,7 +173,7 @@ class LogitStore:
         shard_ids = indices // self.shard_size
         for shard in np.unique(shard_ids):
             mask = shard_ids == shard
-            out[mask] = self.shards[teacher][shard][v, indices[mask] - shard * self.shard_size]
+            out[mask] = self._shard(teacher, int(shard))[v, indices[mask] - shard * self.shard_size]
         return out
 
     def read(self, indices: np.ndarray, view: int) -> list[torch.Tensor]:
