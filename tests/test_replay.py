@@ -54,10 +54,12 @@ def test_identical_in_another_process_with_other_threads():
 
 
 def _loader_outputs(aug, view, batch_size, workers, shuffle):
-    loader = torch.utils.data.DataLoader(ReplayDataset(aug, view), batch_size=batch_size, num_workers=workers,
-                                         shuffle=shuffle, generator=torch.Generator().manual_seed(batch_size))
+    order = torch.randperm(len(aug.dataset), generator=torch.Generator().manual_seed(batch_size)) if shuffle else range(len(aug.dataset))
+    loader = torch.utils.data.DataLoader(ReplayDataset(aug), batch_size=batch_size, num_workers=workers,
+                                         sampler=[(int(i), view) for i in order])
     rows = {}
-    for images, y, y_partner, lam, index in loader:
+    for images, y, y_partner, lam, index, views in loader:
+        assert (views == view).all()
         for k in range(len(index)):
             rows[int(index[k])] = (images[k], int(y[k]), int(y_partner[k]), float(lam[k]))
     return rows

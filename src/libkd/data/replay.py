@@ -186,17 +186,20 @@ class ReplayAugment:
 
 
 class ReplayDataset(torch.utils.data.Dataset):
-    """(image, label, partner label, lam, index) for a fixed view: what precompute and training read."""
+    """Keyed by ``(index, view)`` pairs: (image, label, partner label, lam, index, view).
 
-    def __init__(self, augment: ReplayAugment, view: int, indices: Sequence[int] | None = None):
-        self.augment, self.view = augment, view
-        self.indices = np.arange(len(augment.dataset)) if indices is None else np.asarray(indices)
+    A sampler that yields pairs lets one DataLoader serve every view (precompute) and every epoch
+    (training, view e mod V) without being rebuilt.
+    """
+
+    def __init__(self, augment: ReplayAugment):
+        self.augment = augment
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.augment.dataset)
 
-    def __getitem__(self, position: int):
-        index = int(self.indices[position])
-        out = self.augment(index, self.view)
+    def __getitem__(self, key: tuple[int, int]):
+        index, view = int(key[0]), int(key[1])
+        out = self.augment(index, view)
         labels = self.augment.dataset.labels
-        return out.image, int(labels[index]), int(labels[out.partner]), out.lam, index
+        return out.image, int(labels[index]), int(labels[out.partner]), out.lam, index, view

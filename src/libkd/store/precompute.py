@@ -171,31 +171,40 @@ def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
 
     augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
     mine = [s for s in range(rank, num_shards, world) if not done_file(root, s).is_file()]
-    total = sum(min(len(dataset), (s + 1) * cfg.store.shard_size) - s * cfg.store.shard_size for s in mine) * cfg.store.views
-    done_before = len([s for s in range(rank, num_shards, world)]) - len(mine)
+    shard_size, views = cfg.store.shard_size, cfg.store.views
+    bounds = {s: (s * shard_size, min(len(dataset), (s + 1) * shard_size)) for s in mine}
+    # One loader over every (index, view) pair of this rank's shards, shard by shard, so the
+    # pipeline never drains at a shard or view boundary; a shard is written once all its records are in.
+    pairs = [(i, v) for s in mine for v in range(views) for i in range(*bounds[s])]
+    done_before = len(range(rank, num_shards, world)) - len(mine)
     if rank == 0 and done_before:
         print(f"resuming '{root}': {done_before} shard(s) already complete")
-    bar = tqdm(total=total, desc=f"precompute[{rank}]" if world > 1 else "precompute", unit="img", file=sys.stderr,
+    bar = tqdm(total=len(pairs), desc=f"precompute[{rank}]" if world > 1 else "precompute", unit="img", file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    start_time, images_done = time.perf_counter(), 0
-    for shard in mine:
-        start, stop = shard * cfg.store.shard_size, min(len(dataset), (shard + 1) * cfg.store.shard_size)
-        arrays = [np.empty((cfg.store.views, stop - start), dtype=dtype) for _ in teachers]
-        for view in range(cfg.store.views):
-            loader = torch.utils.data.DataLoader(
-                ReplayDataset(augment, view, range(start, stop)), batch_size=cfg.store.batch_size,
-                num_workers=cfg.store.workers, worker_init_fn=_worker_init if cfg.store.workers else None)
-            pos = 0
-            for images, *_ in loader:
-                with torch.inference_mode():
-                    images = images.to(device, non_blocking=True)
-                    for t, teacher in enumerate(teachers):
-                        logits = teacher.model(teacher.prepare(images, mean, std, size))
-                        arrays[t][view, pos : pos + len(images)] = encode(logits, cfg.store.encoding, cfg.store.topk)
-                pos += len(images)
-                bar.update(len(images))
-                images_done += len(images)
-        _write_shard(root, shard, start, stop, arrays, done_before + mine.index(shard), num_shards)
+    loader = torch.utils.data.DataLoader(
+        ReplayDataset(augment), sampler=pairs, batch_size=cfg.store.batch_size, num_workers=cfg.store.workers,
+        worker_init_fn=_worker_init if cfg.store.workers else None, pin_memory=device.type == "cuda")
+    pending: dict[int, list[np.ndarray]] = {}
+    filled: dict[int, int] = {}
+    start_time, images_done, completed = time.perf_counter(), 0, done_before
+    for images, _, _, _, indices, batch_views in loader:
+        with torch.inference_mode():
+            images = images.to(device, non_blocking=True)
+            records = [encode(teacher.model(teacher.prepare(images, mean, std, size)), cfg.store.encoding, cfg.store.topk)
+                       for teacher in teachers]
+        indices, batch_views = indices.numpy(), batch_views.numpy()
+        for shard in np.unique(indices // shard_size):
+            rows = np.flatnonzero(indices // shard_size == shard)
+            start, stop = bounds[int(shard)]
+            arrays = pending.setdefault(int(shard), [np.empty((views, stop - start), dtype=dtype) for _ in teachers])
+            for t, array in enumerate(arrays):
+                array[batch_views[rows], indices[rows] - start] = records[t][rows]
+            filled[int(shard)] = filled.get(int(shard), 0) + len(rows)
+            if filled[int(shard)] == views * (stop - start):
+                _write_shard(root, int(shard), start, stop, pending.pop(int(shard)), completed, num_shards)
+                completed += 1
+        bar.update(len(indices))
+        images_done += len(indices)
     bar.close()
     elapsed = time.perf_counter() - start_time
     _barrier()
