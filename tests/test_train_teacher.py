@@ -149,3 +149,27 @@ def test_full_disk_while_saving_keeps_the_last_state_and_resumes(tmp_path, monke
     final = train_teacher(cfg)
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3] and final["epoch"] == 3
+
+
+def test_teacher_can_train_on_the_replay_recipe(tmp_path):
+    stats = train_teacher(smoke_config(tmp_path / "run", "train.epochs=2", "augment.replay=true", "replay.erase_prob=0.5"))
+    assert stats["epoch"] == 2 and stats["train_loss"] > 0
+    with pytest.raises(LibkdError, match="different replay"):
+        train_teacher(smoke_config(tmp_path / "run", "train.epochs=2", "augment.replay=true", "replay.mixup_alpha=0.2"))
+
+
+def test_replay_sampler_yields_each_sample_once_per_epoch_at_that_epochs_view():
+    from libkd.data.replay import ReplaySampler
+
+    sampler = ReplaySampler(10, seed=3, views=4)
+    sampler.set_epoch(5)
+    pairs = list(sampler)
+    assert sorted(i for i, _ in pairs) == list(range(10)) and {v for _, v in pairs} == {1}
+    sampler.set_epoch(6)
+    assert [i for i, _ in sampler] != [i for i, _ in pairs]
+    ranks = [ReplaySampler(10, seed=3, views=4, rank=r, world=3) for r in range(3)]
+    for r in ranks:
+        r.set_epoch(5)
+    shares = [list(r) for r in ranks]
+    assert all(len(s) == 4 for s in shares)  # padded: 12 pairs over 3 ranks
+    assert {i for s in shares for i, _ in s} == set(range(10))

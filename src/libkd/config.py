@@ -68,6 +68,9 @@ class AugmentConfig(Section):
     crop_padding: int = Field(4, ge=0)
     scale: tuple[float, float] = (0.35, 1.0)
     hflip: float = Field(0.5, ge=0, le=1)
+    # true: train on the `replay` recipe instead (RandAugment, erasing, per-sample Mixup/CutMix with
+    # soft targets, a new view every epoch), the kind of views the teacher will later label.
+    replay: bool = False
 
 
 class ReplayConfig(Section):

@@ -22,6 +22,7 @@ from torch import nn
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, save_config
 from libkd.data import ImageDataset, build_dataset
+from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
 from libkd.engine import build_optimizer, build_scheduler, evaluate, resolve_device, train_one_epoch
@@ -60,14 +61,37 @@ def input_spec(cfg: ExperimentConfig, train: ImageDataset) -> dict[str, Any]:
     return {"input_size": cfg.data.image_size or source, "crop_pct": cfg.data.crop_pct, "mean": list(mean), "std": list(std)}
 
 
+class SoftTargets(torch.utils.data.Dataset):
+    """Replayed views with their mixed labels as a probability vector (cross-entropy takes those)."""
+
+    def __init__(self, replay: ReplayDataset, num_classes: int):
+        self.replay, self.num_classes = replay, num_classes
+
+    def __len__(self) -> int:
+        return len(self.replay)
+
+    def __getitem__(self, key):
+        image, y, y_partner, lam, _, _ = self.replay[key]
+        target = torch.zeros(self.num_classes)
+        target[y] += lam
+        target[y_partner] += 1.0 - lam
+        return image, target
+
+
 def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec: dict[str, Any]):
     size, crop_pct, mean, std = spec["input_size"], spec["crop_pct"], spec["mean"], spec["std"]
     generator = torch.Generator()
-    train_loader = torch.utils.data.DataLoader(
-        TransformedDataset(train, train_transform(cfg.augment, size, mean, std)),
-        batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train) > cfg.train.batch_size,
-        num_workers=cfg.train.workers, generator=generator, persistent_workers=False,
-    )
+    if cfg.augment.replay:
+        replay = ReplayDataset(ReplayAugment(train, cfg.replay, cfg.seed, size, mean, std, crop_pct))
+        train_loader = torch.utils.data.DataLoader(
+            SoftTargets(replay, train.num_classes), sampler=ReplaySampler(len(train), cfg.seed),
+            batch_size=cfg.train.batch_size, drop_last=len(train) > cfg.train.batch_size, num_workers=cfg.train.workers)
+    else:
+        train_loader = torch.utils.data.DataLoader(
+            TransformedDataset(train, train_transform(cfg.augment, size, mean, std)),
+            batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train) > cfg.train.batch_size,
+            num_workers=cfg.train.workers, generator=generator, persistent_workers=False,
+        )
     val_loader = torch.utils.data.DataLoader(
         TransformedDataset(val, eval_transform(size, crop_pct, mean, std)),
         batch_size=cfg.train.eval_batch_size, num_workers=cfg.train.workers,
@@ -84,7 +108,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 def _run_identity(cfg: ExperimentConfig, train: ImageDataset, spec: dict[str, Any]) -> dict[str, Any]:
     """What must not change between a run and its resumption, the model's inputs included."""
     return {"dataset": train.fingerprint, "teacher": cfg.teacher.model_dump(), "train": cfg.train.model_dump(exclude={"resume", "workers"}),
-            "augment": cfg.augment.model_dump(), "seed": cfg.seed, "inputs": dict(spec, load_size=cfg.data.load_size)}
+            "augment": cfg.augment.model_dump(), "seed": cfg.seed, "inputs": dict(spec, load_size=cfg.data.load_size),
+            "replay": recipe_hash(cfg.replay) if cfg.augment.replay else None}
 
 
 def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
@@ -142,6 +167,8 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
         # Seeding per epoch makes a resumed run draw the same batches and augmentations.
         seed_everything(cfg.seed * 1000 + epoch)
         generator.manual_seed(cfg.seed * 1000 + epoch)
+        if isinstance(train_loader.sampler, ReplaySampler):
+            train_loader.sampler.set_epoch(epoch)  # a new replayed view every epoch
         stats = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, cfg.train,
                                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
         stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, cfg.train.amp).items()})

@@ -185,6 +185,33 @@ class ReplayAugment:
         return img
 
 
+class ReplaySampler(torch.utils.data.Sampler):
+    """Yields ``(index, view)`` pairs for one epoch: a seeded permutation, at view ``epoch mod views``.
+
+    ``set_epoch(e)`` before each epoch (the sampler runs in the main process, so persistent workers
+    see the new view too). Under DDP each of ``world`` ranks takes every world-th pair of the
+    permutation, padded by wrapping around so that all ranks take the same number of steps.
+    """
+
+    def __init__(self, num_samples: int, seed: int, views: int | None = None, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):
+        self.num_samples, self.seed, self.views, self.shuffle = num_samples, seed, views, shuffle
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.world)
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.num_samples) if self.shuffle
+                 else np.arange(self.num_samples))
+        padded = np.resize(order, len(self) * self.world)  # wraps around
+        view = self.epoch % self.views if self.views else self.epoch
+        return iter([(int(i), view) for i in padded[self.rank :: self.world]])
+
+
 class ReplayDataset(torch.utils.data.Dataset):
     """Keyed by ``(index, view)`` pairs: (image, label, partner label, lam, index, view).
 
