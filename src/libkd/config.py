@@ -143,6 +143,7 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     workers: int = Field(0, ge=0)
     amp: Literal["none", "bf16", "fp16"] = "none"
+    clip_grad: float | None = Field(None, gt=0)  # max gradient norm (None: no clipping)
     # Cap on optimiser steps per epoch (smoke runs); None trains on the whole split.
     max_steps_per_epoch: int | None = Field(None, ge=1)
     resume: bool = True

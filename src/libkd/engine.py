@@ -60,47 +60,66 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+StepFn = Callable[[nn.Module, object], "tuple[torch.Tensor, int, object]"]
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    step_fn: StepFn,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
     device: torch.device,
     cfg: TrainConfig,
     desc: str,
 ) -> dict[str, float]:
-    """One pass over ``loader``; ``loss_fn(model, images, labels)`` returns the scalar loss."""
+    """One pass over ``loader``, shared by teacher training and distillation.
+
+    ``step_fn(model, batch)`` moves the batch, runs the model (and whatever the loss needs: labels,
+    mixing ratios, teacher targets) under autocast and returns ``(loss, images, sample_ids)``; the
+    loop does the rest: backward with ``scaler`` (kept by the caller for resume), clipping,
+    the optimiser and scheduler steps, progress and a stop on a non-finite loss that names the
+    step and ``sample_ids``. Only ``model`` is put in train mode.
+    """
     model.train()
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     total_loss, seen, steps = 0.0, 0, 0
-    limit = cfg.max_steps_per_epoch or len(loader)
+    limit = min(cfg.max_steps_per_epoch or len(loader), len(loader))
     start = time.perf_counter()
     # Off a terminal (logs, CI) the bar still reports, every 30 s.
-    bar = tqdm(total=min(limit, len(loader)), desc=desc, unit="step", leave=False, file=sys.stderr,
+    bar = tqdm(total=limit, desc=desc, unit="step", leave=False, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    for images, labels in loader:
+    for batch in loader:
         if steps >= limit:
             break
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
-            loss = loss_fn(model, images, labels)
+            loss, size, ids = step_fn(model, batch)
         if not torch.isfinite(loss):
-            raise LibkdError(f"{desc}: loss became {loss.item()} at step {steps}; lower train.lr or disable train.amp")
+            where = f" (samples {ids[:16].tolist() if hasattr(ids, 'tolist') else ids})" if ids is not None else ""
+            raise LibkdError(f"{desc}: loss became {loss.item()} at step {steps}{where}; nothing of this epoch was saved, "
+                             "the last epoch's checkpoint is intact. Lower train.lr, set train.clip_grad, or disable train.amp")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         steps += 1
-        seen += images.shape[0]
-        total_loss += loss.item() * images.shape[0]
+        seen += size
+        total_loss += loss.item() * size
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     bar.close()
     elapsed = time.perf_counter() - start
     return {"train_loss": total_loss / max(1, seen), "images_per_s": seen / elapsed, "train_seconds": elapsed,
             "lr": optimizer.param_groups[0]["lr"]}
+
+
+def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """A gradient scaler, active only for fp16 (bf16 needs none); its state belongs in resume states."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
 @torch.inference_mode()

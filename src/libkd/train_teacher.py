@@ -25,7 +25,7 @@ from libkd.data import ImageDataset, build_dataset
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
-from libkd.engine import build_optimizer, build_scheduler, evaluate, resolve_device, train_one_epoch
+from libkd.engine import build_optimizer, build_scheduler, evaluate, make_scaler, resolve_device, train_one_epoch
 from libkd.models import count_parameters, create_model, save_checkpoint
 
 STATE_FILE = "last_state.pt"
@@ -137,6 +137,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    scaler = make_scaler(device, cfg.train.amp)
     identity = _run_identity(cfg, train, spec)
 
     start_epoch, history = 0, []
@@ -151,13 +152,17 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
         print(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
     save_config(cfg, out)
     print(f"teacher {cfg.teacher.name}: {count_parameters(model) / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val "
           f"images, {train.num_classes} classes, input {spec['input_size']} px, {device}")
 
-    loss_fn = lambda m, x, y: criterion(m(x), y)  # noqa: E731
+    def step(m: nn.Module, batch) -> tuple[torch.Tensor, int, None]:
+        images, targets = (t.to(device, non_blocking=True) for t in batch)
+        return criterion(m(images), targets), len(images), None
+
     writer = None
     if cfg.train.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -169,7 +174,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
         generator.manual_seed(cfg.seed * 1000 + epoch)
         if isinstance(train_loader.sampler, ReplaySampler):
             train_loader.sampler.set_epoch(epoch)  # a new replayed view every epoch
-        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, cfg.train,
+        stats = train_one_epoch(model, train_loader, step, optimizer, scheduler, scaler, device, cfg.train,
                                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
         stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, cfg.train.amp).items()})
         stats["epoch"] = epoch + 1
@@ -184,7 +189,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
                                    "Free space and rerun the same command to resume"):
             _save_teacher(model, out, arch, spec, train, stats, cfg)
             _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
+                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
             tmp = out / "metrics.jsonl.tmp"
             tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
             os.replace(tmp, out / "metrics.jsonl")

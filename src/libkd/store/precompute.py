@@ -13,14 +13,12 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from libkd import LibkdError, __version__
@@ -28,7 +26,8 @@ from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, save_config
 from libkd.data import ImageDataset, build_dataset
 from libkd.data.replay import ReplayAugment, ReplayDataset, library_versions, recipe_hash, replay_probe
 from libkd.engine import resolve_device
-from libkd.models import build_from_checkpoint, teacher_kind
+from libkd.models import teacher_kind
+from libkd.teachers import Teacher, load_teachers, teacher_logits
 from libkd.store.codec import decode, encode, record_dtype
 from libkd.store.format import (
     FORMAT,
@@ -42,43 +41,6 @@ from libkd.store.format import (
 from libkd.fileio import DISK_FULL, sha256_file, write_json_atomic
 
 
-@dataclass
-class Teacher:
-    model: torch.nn.Module
-    meta: dict[str, Any]
-    path: str
-
-    def prepare(self, images: torch.Tensor, mean: list[float], std: list[float], size: int) -> torch.Tensor:
-        """Re-normalise and resize the store's view to what this teacher was trained on."""
-        t_mean, t_std = self.meta.get("mean", mean), self.meta.get("std", std)
-        if t_mean != mean or t_std != std:
-            m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-            tm, ts = torch.tensor(t_mean).view(1, 3, 1, 1), torch.tensor(t_std).view(1, 3, 1, 1)
-            images = (images * s + m - tm) / ts
-        t_size = self.meta.get("input_size", size)
-        if t_size != size:
-            images = F.interpolate(images, size=(t_size, t_size), mode="bilinear", align_corners=False, antialias=True)
-        return images
-
-
-def load_teachers(paths: list[str], classes: list[str], device: torch.device) -> list[Teacher]:
-    if not paths:
-        raise LibkdError("store.teachers is empty; name the teacher checkpoints, e.g. "
-                         "--set 'store.teachers=[runs/cifar10-resnet-teacher/teacher, runs/cifar10-rednet-teacher/teacher]'")
-    teachers = []
-    for path in paths:
-        model, meta = build_from_checkpoint(path, device)
-        theirs = meta.get("dataset", {}).get("classes")
-        if meta["arch"]["num_classes"] != len(classes) or (theirs is not None and theirs != classes):
-            raise LibkdError(
-                f"teacher '{path}' predicts {meta['arch']['num_classes']} classes"
-                + (f" ({', '.join(theirs[:4])}, ...)" if theirs else "")
-                + f" but the data set has {len(classes)} ({', '.join(classes[:4])}, ...); use teachers trained on these classes"
-            )
-        teachers.append(Teacher(model.eval(), meta, str(path)))
-    return teachers
-
-
 def view_spec(data: DataConfig, dataset: ImageDataset) -> tuple[int, list[float], list[float]]:
     """Image size and normalisation of the stored views (config first, else the data set's own)."""
     size = data.image_size or (dataset.image_size[0] if dataset.image_size else None)
@@ -88,17 +50,20 @@ def view_spec(data: DataConfig, dataset: ImageDataset) -> tuple[int, list[float]
     return size, list(mean), list(std)
 
 
-def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[Teacher], size: int,
+def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[Teacher] | list[dict[str, Any]], size: int,
                    mean: list[float], std: list[float]) -> dict[str, Any]:
     """The manifest fields that say what a store was built from (compared on resume and on use).
 
-    ``versions`` is carried along to explain a replay-probe mismatch; it is not compared itself.
+    ``teachers`` are loaded teachers or just their checkpoints' JSON sidecars (``read_meta``): no
+    weights are needed to check a store. ``versions`` is carried along to explain a replay-probe
+    mismatch; it is not compared itself.
     """
+    metas = [t.meta if isinstance(t, Teacher) else t for t in teachers]
     augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
     return {
         "dataset": {"fingerprint": dataset.fingerprint, "num_samples": len(dataset), "num_classes": dataset.num_classes},
-        "teachers": [{"name": t.meta["arch"]["name"], "weights_sha256": t.meta["weights_sha256"],
-                      "num_classes": t.meta["arch"]["num_classes"]} for t in teachers],
+        "teachers": [{"name": m["arch"]["name"], "weights_sha256": m["weights_sha256"],
+                      "num_classes": m["arch"]["num_classes"]} for m in metas],
         "augmentation": {"sha256": recipe_hash(cfg.replay), "seed": cfg.seed},
         "image_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std,
         "views": cfg.store.views, "encoding": cfg.store.encoding,
@@ -138,6 +103,9 @@ def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.store.threads)
     root = Path(cfg.store.path)
     dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
+    if not cfg.store.teachers:
+        raise LibkdError("store.teachers is empty; name the teacher checkpoints, e.g. "
+                         "--set 'store.teachers=[runs/cifar10-resnet-teacher/teacher, runs/cifar10-rednet-teacher/teacher]'")
     teachers = load_teachers(cfg.store.teachers, dataset.classes, device)
     size, mean, std = view_spec(cfg.data, dataset)
     identity = store_identity(cfg, dataset, teachers, size, mean, std)
@@ -188,10 +156,8 @@ def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     filled: dict[int, int] = {}
     start_time, images_done, completed = time.perf_counter(), 0, done_before
     for images, _, _, _, indices, batch_views in loader:
-        with torch.inference_mode():
-            images = images.to(device, non_blocking=True)
-            records = [encode(teacher.model(teacher.prepare(images, mean, std, size)), cfg.store.encoding, cfg.store.topk)
-                       for teacher in teachers]
+        images = images.to(device, non_blocking=True)
+        records = [encode(logits, cfg.store.encoding, cfg.store.topk) for logits in teacher_logits(teachers, images, mean, std, size)]
         indices, batch_views = indices.numpy(), batch_views.numpy()
         for shard in np.unique(indices // shard_size):
             rows = np.flatnonzero(indices // shard_size == shard)
@@ -277,10 +243,10 @@ def verify_store(root: str | Path, samples: int, device: str = "cpu", seed: int 
     picks = [(int(rng.integers(store.num_samples)), int(rng.integers(store.views))) for _ in range(samples)]
     worst = 0.0
     mismatches = []
+    images = torch.stack([augment(i, v).image for i, v in picks]).to(torch_device)
     with torch.inference_mode():
-        images = torch.stack([augment(i, v).image for i, v in picks]).to(torch_device)
-        for t, teacher in enumerate(teachers):
-            fresh = teacher.model(teacher.prepare(images, m["mean"], m["std"], m["image_size"])).float().cpu()
+        for t, fresh in enumerate(teacher_logits(teachers, images, m["mean"], m["std"], m["image_size"])):
+            fresh = fresh.float().cpu()
             expected = decode(encode(fresh, m["encoding"], m["topk"] or 0), store.num_classes)
             for row, (i, v) in enumerate(picks):
                 stored = decode(store.records(np.array([i]), v, t), store.num_classes)[0]
