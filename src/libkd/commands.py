@@ -80,6 +80,66 @@ def train_teacher_cmd(args: argparse.Namespace) -> int:
 
 
 @command(
+    "distill",
+    help="Train the student ViT: distill.mode=none (no teachers), online (teachers run every step) or store "
+    "(targets from a logit store; no teacher runs). One teacher token per teacher (distill.combine=per-token) "
+    "or one token for their mean (mean). Loss: (1 - distill.alpha) * CE + distill.alpha * sum_t w_t KD_t, "
+    "KD soft (KL at temperature distill.tau, times tau^2) or hard (distill.kind=hard: CE with the teacher's argmax). "
+    "Resumable after a kill; metrics.jsonl, TensorBoard, student.safetensors + .json in --out.",
+    arguments=[arg("--mode", choices=["none", "online", "store"], help="shortcut for --set distill.mode=..."),
+               arg("--teachers", nargs="+", help="online mode: teacher checkpoints (shortcut for distill.teachers)"),
+               arg("--store", help="store mode: the store folder (shortcut for distill.store)")],
+)
+def distill_cmd(args: argparse.Namespace) -> int:
+    from libkd.distill import distill
+
+    extra = []
+    if args.mode:
+        extra.append(f"distill.mode={args.mode}")
+    if args.teachers:
+        extra.append(f"distill.teachers={json.dumps(args.teachers)}")
+    if args.store:
+        extra.append(f"distill.store={json.dumps(args.store)}")
+    args.overrides = extra + list(args.overrides)
+    config = experiment_config(args)
+    final = distill(config)
+    if final:
+        print(f"saved {config.out}/student.safetensors (+ .json): val top-1 {final['val_top1']:.2f}% "
+              f"(heads {', '.join(f'{t:.2f}' for t in final['val_heads_top1'])})")
+    return 0
+
+
+@command(
+    "evaluate",
+    help="Score a student or teacher checkpoint on its validation split: top-1/top-5 of every head and of the "
+    "combined prediction, calibration (ECE, 15 bins), per-class accuracy, confusion matrix; with --teachers, the "
+    "teachers' accuracy, their complementarity and each token's agreement with its teacher.",
+    arguments=[arg("checkpoint", help="NAME of NAME.safetensors + NAME.json, e.g. runs/x/student"),
+               arg("--teachers", nargs="+", help="teacher checkpoints, in the student's token order"),
+               arg("--json", dest="json_out", help="write the full result here (default: CHECKPOINT.eval.json)"),
+               arg("--batch-size", type=int, default=256)],
+)
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from libkd.engine import resolve_device
+    from libkd.evaluate import evaluate_checkpoint
+    from libkd.fileio import write_json_atomic
+
+    data = experiment_config(args).data if (args.config or args.overrides) else None
+    result = evaluate_checkpoint(args.checkpoint, data, args.teachers, resolve_device(args.device or "cpu"), args.batch_size)
+    target = Path(args.json_out or f"{args.checkpoint}.eval.json")
+    write_json_atomic(target, result)
+    heads = ", ".join(f"{h['top1']:.2f}" for h in result["heads"])
+    line = f"{result['model']}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ECE {result['ece']:.4f}  heads [{heads}]"
+    if "teachers" in result:
+        line += "  teachers [" + ", ".join(f"{t['top1']:.2f}" for t in result["teachers"]) + "]"
+        line += "  agreement [" + ", ".join(f"{a:.1f}" for a in result["token_teacher_agreement"]) + "]"
+    print(f"{line}  ({result['num_images']} images; {target})")
+    return 0
+
+
+@command(
     "precompute",
     help="Run the teachers once over V replayable views of every training image and write the logit store "
     "(resumable; shards across processes under torchrun).",

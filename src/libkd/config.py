@@ -150,6 +150,32 @@ class TrainConfig(Section):
     tensorboard: bool = True  # scalars under OUT/tensorboard, beside metrics.jsonl
 
 
+class StudentConfig(Section):
+    """The student ViT (a registered ``kdvit_*`` name) and its arguments; tokens come from the teachers."""
+
+    name: str = "kdvit_mini_patch4_32"
+    kwargs: dict[str, Any] = {}
+    head_mode: Literal["mean", "cls", "teachers"] = "mean"  # how the heads combine at inference
+
+
+class DistillConfig(Section):
+    """How the student learns from its teachers (see ``libkd distill --help``)."""
+
+    # none: the student alone; online: teachers run on every batch; store: targets from a store.
+    mode: Literal["none", "online", "store"] = "store"
+    teachers: list[str] = []  # online mode: teacher checkpoints (store mode takes them from the store)
+    store: str | None = None  # store mode: the store folder (default: store.path)
+    combine: Literal["per-token", "mean"] = "per-token"
+    alpha: float = Field(0.5, ge=0, le=1)  # (1 - alpha) * CE + alpha * sum_t w_t KD_t
+    tau: float = Field(1.0, gt=0)
+    kind: Literal["soft", "hard"] = "soft"
+    weights: list[float] | None = None  # per-teacher weights (default equal, summing to 1)
+    kd_reduction: Literal["batchmean", "deit"] = "batchmean"
+    # A store of one clean view per image (replay.enabled=false) used with full augmentation is the
+    # index-keyed cache bug; allowed only when asked for, as the study's baseline.
+    naive_store: bool = False
+
+
 class ExperimentConfig(Section):
     """The whole experiment: every subcommand reads the sections it needs."""
 
@@ -162,6 +188,8 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     replay: ReplayConfig = ReplayConfig()
     store: StoreConfig = StoreConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 def _suggest(key: str, valid: list[str]) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import pickle
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -14,6 +17,22 @@ from tqdm import tqdm
 
 from libkd import LibkdError
 from libkd.config import TrainConfig
+
+
+def save_resume_state(state: dict, path: Path) -> None:
+    """Write a resume state (tensors and plain values) atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume_state(path: Path, device: torch.device) -> dict:
+    """A resume state, read without unpickling arbitrary objects (tensors, numbers, strings, containers)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise LibkdError(f"'{path}' holds objects other than tensors and plain values, so it is not loaded "
+                         f"(it was not written by libkd, or by an older version); delete it to start the run over") from exc
 
 
 def resolve_device(name: str) -> torch.device:

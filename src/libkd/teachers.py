@@ -60,7 +60,12 @@ def load_teachers(paths: list[str], classes: list[str], device: torch.device) ->
     return teachers
 
 
-@torch.inference_mode()
 def teacher_logits(teachers: list[Teacher], images: torch.Tensor, mean: list[float], std: list[float], size: int) -> list[torch.Tensor]:
-    """Every teacher's fp32 logits on a batch of views normalised with ``mean``/``std`` at ``size`` px."""
-    return [t.model(t.prepare(images, mean, std, size)).float() for t in teachers]
+    """Every teacher's fp32 logits on a batch of views normalised with ``mean``/``std`` at ``size`` px.
+
+    Always in fp32 and inference mode, whatever autocast the caller runs under. The results are
+    ordinary tensors (cloned out of inference mode), so a loss may use them as targets.
+    """
+    with torch.inference_mode(), torch.autocast(images.device.type, enabled=False):
+        outputs = [t.model(t.prepare(images, mean, std, size)).float() for t in teachers]
+    return [o.clone() for o in outputs]

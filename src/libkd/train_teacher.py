@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from libkd.data import ImageDataset, build_dataset
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
-from libkd.engine import build_optimizer, build_scheduler, evaluate, make_scaler, resolve_device, train_one_epoch
+from libkd.engine import (build_optimizer, build_scheduler, evaluate, load_resume_state, make_scaler, resolve_device,
+                          save_resume_state, train_one_epoch)
 from libkd.models import count_parameters, create_model, save_checkpoint
 
 STATE_FILE = "last_state.pt"
@@ -99,26 +99,11 @@ def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec
     return train_loader, val_loader, generator
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _run_identity(cfg: ExperimentConfig, train: ImageDataset, spec: dict[str, Any]) -> dict[str, Any]:
     """What must not change between a run and its resumption, the model's inputs included."""
     return {"dataset": train.fingerprint, "teacher": cfg.teacher.model_dump(), "train": cfg.train.model_dump(exclude={"resume", "workers"}),
             "augment": cfg.augment.model_dump(), "seed": cfg.seed, "inputs": dict(spec, load_size=cfg.data.load_size),
             "replay": recipe_hash(cfg.replay) if cfg.augment.replay else None}
-
-
-def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
-    """The resume state, read without unpickling arbitrary objects (tensors, numbers, strings, containers)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise LibkdError(f"'{path}' holds objects other than tensors and plain values, so it is not loaded "
-                         f"(it was not written by libkd, or by an older version); delete it to start the run over") from exc
 
 
 def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -145,7 +130,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
     if state_path.is_file():
         if not cfg.train.resume:
             raise LibkdError(f"'{out}' already holds a run; pick another --out, delete it, or set train.resume=true to continue it")
-        state = _load_state(state_path, device)
+        state = load_resume_state(state_path, device)
         if state["identity"] != identity:
             changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
             raise LibkdError(f"'{out}' holds a run with a different {', '.join(changed)}; use another --out or delete '{state_path}'")
@@ -188,7 +173,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
         with disk_full_is_an_error(f"saving epoch {epoch + 1} in '{out}' failed; the state of epoch {epoch} is intact. "
                                    "Free space and rerun the same command to resume"):
             _save_teacher(model, out, arch, spec, train, stats, cfg)
-            _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            save_resume_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
             tmp = out / "metrics.jsonl.tmp"
             tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -203,5 +188,6 @@ def _save_teacher(model: nn.Module, out: Path, arch: dict, spec: dict, train: Im
         model, out / "teacher", arch,
         input_size=spec["input_size"], crop_pct=spec["crop_pct"], mean=spec["mean"], std=spec["std"],
         dataset={"fingerprint": train.fingerprint, "source": cfg.data.source, "classes": train.classes},
+        data_config=cfg.data.model_dump(mode="json"),
         metrics={"epoch": stats["epoch"], "val_top1": stats["val_top1"], "val_top5": stats["val_top5"]},
     )

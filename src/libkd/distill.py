@@ -1,0 +1,218 @@
+"""``libkd distill``: train the multi-token student without teachers, with online teachers, or from a store.
+
+In every mode the student sees the same replayable stream: epoch e shows view ``e mod V`` of
+every sample, in a seeded order, so a ``store`` run and an ``online`` run with the same seed get
+the same targets up to fp16 rounding. In ``store`` mode no teacher is loaded or run: targets are
+read from the store, and the student's augmentation recipe, seed, image size and normalisation
+are the store's (a config that sets them otherwise is refused, naming the field).
+
+Outputs in ``out/``: ``student.safetensors`` + ``student.json``, ``metrics.jsonl`` (one line per
+epoch: loss parts, top-1 of every head and of the combination), ``config.yaml``,
+``run.json`` (what the run learned from: data fingerprint, store identity or teachers) and
+``last_state.pt`` (resume after a kill: same command, same final weights on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from libkd import LibkdError
+from libkd.config import ExperimentConfig, ReplayConfig, StoreConfig, save_config
+from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
+from libkd.engine import (build_optimizer, build_scheduler, load_resume_state, make_scaler, resolve_device,
+                          save_resume_state, train_one_epoch)
+from libkd.evaluate import collect, score, val_loader
+from libkd.fileio import disk_full_is_an_error, write_json_atomic
+from libkd.losses import DistillationLoss
+from libkd.models import count_parameters, create_model, read_meta, save_checkpoint, teacher_kind
+from libkd.store import LogitStore, read_manifest
+from libkd.store.format import identity_differences
+from libkd.store.precompute import store_identity, view_spec
+from libkd.teachers import check_classes, load_teachers, teacher_logits
+from libkd.train_teacher import load_splits, seed_everything
+
+STATE_FILE = "last_state.pt"
+
+
+def _store_settings(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any], bool]:
+    """The config with the store's augmentation, seed and inputs; refuses explicit settings that differ."""
+    path = cfg.distill.store or cfg.store.path
+    m = read_manifest(Path(path))
+    naive = not m["replay"]["enabled"]
+    if naive and not cfg.distill.naive_store:
+        raise LibkdError(f"store '{path}' holds one clean view per image (replay disabled) while the student trains on "
+                         "augmented views: its targets describe other images than the student sees (the index-keyed cache "
+                         "bug). Build an augmentation-consistent store, or set distill.naive_store=true to run exactly this baseline")
+    if cfg.distill.naive_store and not naive:
+        raise LibkdError(f"distill.naive_store=true but store '{path}' is augmentation-consistent; drop the flag")
+    conflicts = []
+    if "seed" in cfg.model_fields_set and not naive and cfg.seed != m["augmentation"]["seed"]:
+        conflicts.append(f"seed: config {cfg.seed}, store {m['augmentation']['seed']}")
+    stored_replay = ReplayConfig.model_validate(m["replay"])
+    if not naive:
+        for key in sorted(cfg.replay.model_fields_set):
+            mine, theirs = cfg.replay.model_dump(mode="json")[key], stored_replay.model_dump(mode="json")[key]
+            if mine != theirs:
+                conflicts.append(f"replay.{key}: config {mine!r}, store {theirs!r}")
+    data_from_store = {"image_size": m["image_size"], "mean": m["mean"], "std": m["std"], "crop_pct": m["crop_pct"]}
+    for key in sorted(cfg.data.model_fields_set & set(data_from_store)):
+        if getattr(cfg.data, key) != data_from_store[key]:
+            conflicts.append(f"data.{key}: config {getattr(cfg.data, key)!r}, store {data_from_store[key]!r}")
+    if conflicts:
+        raise LibkdError(f"store '{path}' was built with other settings than this config asks for: " + "; ".join(conflicts)
+                         + ". In store mode these come from the store: remove them from the config, or rebuild the store")
+    update: dict[str, Any] = {"data": cfg.data.model_copy(update=data_from_store)}
+    if not naive:
+        update.update(seed=m["augmentation"]["seed"], replay=stored_replay)
+    return cfg.model_copy(update=update), m, naive
+
+
+def _open_store(cfg: ExperimentConfig, m: dict[str, Any], train, size: int, mean: list[float], std: list[float]) -> LogitStore:
+    """The store, checked against this data set and the teachers' sidecars (no teacher weights loaded)."""
+    path = cfg.distill.store or cfg.store.path
+    metas = [read_meta(p) for p in m["teacher_checkpoints"]]
+    for p, meta in zip(m["teacher_checkpoints"], metas):
+        check_classes(p, meta, train.classes)
+    as_built = cfg.model_copy(update={
+        "seed": m["augmentation"]["seed"], "replay": ReplayConfig.model_validate(m["replay"]),
+        "store": StoreConfig(views=m["views"], encoding=m["encoding"], topk=m["topk"] or 10, shard_size=m["shard_size"])})
+    expected = store_identity(as_built, train, metas, size, mean, std)
+    return LogitStore(path, expected=expected)
+
+
+def distill(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Train the student as ``cfg.distill`` says; returns the last epoch's metrics."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    mode = cfg.distill.mode
+    naive, manifest, store, teachers = False, None, None, []
+    if mode == "store":
+        cfg, manifest, naive = _store_settings(cfg)
+    seed_everything(cfg.seed)
+    train, val = load_splits(cfg)
+    size, mean, std = view_spec(cfg.data, train)
+    views = manifest["views"] if manifest else cfg.store.views
+    if mode == "store":
+        store = _open_store(cfg, manifest, train, size, mean, std)
+        teacher_names = [t["name"] for t in manifest["teachers"]]
+        kinds = manifest.get("teacher_kinds", [])
+    elif mode == "online":
+        teachers = load_teachers(cfg.distill.teachers, train.classes, device)
+        teacher_names = [t.meta["arch"]["name"] for t in teachers]
+        kinds = [teacher_kind(t.model) for t in teachers]
+    else:
+        teacher_names, kinds = [], []
+    num_teachers = len(teacher_names)
+    if cfg.distill.weights and (len(cfg.distill.weights) != num_teachers or cfg.distill.combine == "mean"):
+        raise LibkdError(f"distill.weights has {len(cfg.distill.weights)} entries for {num_teachers} teacher(s)"
+                         + (" (combine=mean takes no weights)" if cfg.distill.combine == "mean" else ""))
+    tokens = 0 if not num_teachers else 1 if cfg.distill.combine == "mean" else num_teachers
+
+    student_kwargs = {"num_teachers": tokens, "head_mode": cfg.student.head_mode, "img_size": size, **cfg.student.kwargs}
+    if cfg.student.kwargs.get("stem") == "aligned" and "teacher_kinds" not in cfg.student.kwargs:
+        student_kwargs["teacher_kinds"] = kinds if tokens == num_teachers else kinds[:1]
+    seed_everything(cfg.seed)  # the same initial student in every mode, whatever loading the teachers drew
+    model = create_model(cfg.student.name, train.num_classes, **student_kwargs).to(device)
+    arch = {"name": cfg.student.name, "num_classes": train.num_classes, "cifar_stem": False, "kwargs": student_kwargs}
+    augment = ReplayAugment(train, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
+    sampler = ReplaySampler(len(train), cfg.seed, views=views)
+    loader = torch.utils.data.DataLoader(
+        ReplayDataset(augment), sampler=sampler, batch_size=cfg.train.batch_size, drop_last=len(train) > cfg.train.batch_size,
+        num_workers=cfg.train.workers, persistent_workers=cfg.train.workers > 0, pin_memory=device.type == "cuda")
+    spec = {"input_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std}
+    evaluation, _ = val_loader(cfg.data, spec, cfg.train.eval_batch_size, cfg.seed)
+    steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    scaler = make_scaler(device, cfg.train.amp)
+    loss_fn = DistillationLoss(train.num_classes, cfg.distill.alpha, cfg.distill.tau, cfg.distill.kind, cfg.distill.combine,
+                               cfg.distill.weights, cfg.train.label_smoothing, cfg.distill.kd_reduction)
+
+    run = {"mode": mode, "naive_store": naive, "dataset": train.fingerprint, "teachers": teacher_names, "teacher_kinds": kinds,
+           "combine": cfg.distill.combine if num_teachers else None, "tokens": tokens, "views": views,
+           "store": None if store is None else {"path": str(store.root), "identity": {k: manifest.get(k) for k in
+                                                                                      ("dataset", "teachers", "augmentation", "replay_probe")}},
+           "teacher_checkpoints": [t.path for t in teachers] if teachers else (manifest or {}).get("teacher_checkpoints", [])}
+    identity = {"run": json.loads(json.dumps(run)), "student": student_kwargs | {"name": cfg.student.name},
+                "train": cfg.train.model_dump(mode="json", exclude={"resume", "workers"}),
+                "distill": cfg.distill.model_dump(mode="json"), "replay": recipe_hash(cfg.replay), "seed": cfg.seed,
+                "inputs": spec}
+    start_epoch, history = 0, []
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        if not cfg.train.resume:
+            raise LibkdError(f"'{out}' already holds a run; pick another --out, delete it, or set train.resume=true to continue it")
+        state = load_resume_state(state_path, device)
+        if state["identity"] != identity:
+            changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+            raise LibkdError(f"'{out}' holds a run with a different {', '.join(changed)}; use another --out or delete '{state_path}'")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"], state["history"]
+        print(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
+    save_config(cfg, out)
+    write_json_atomic(out / "run.json", run)
+    what = "no teachers" if mode == "none" else f"{num_teachers} teacher(s) ({', '.join(teacher_names)}), {mode}" + (
+        ", NAIVE single-view store" if naive else "")
+    print(f"student {cfg.student.name}: {count_parameters(model) / 1e6:.2f}M parameters, {tokens} teacher token(s); {what}; "
+          f"{len(train)} train / {len(val)} val images, {size} px, {views} view(s), {device}")
+
+    def step(m: torch.nn.Module, batch) -> tuple[torch.Tensor, int, Any]:
+        images, y, y_partner, lam, indices, batch_views = batch
+        images = images.to(device, non_blocking=True)
+        y, y_partner, lam = y.to(device), y_partner.to(device), lam.to(device)
+        if store is not None:
+            targets = [t.to(device) for t in store.read(indices.numpy(), int(batch_views[0]))]
+        elif teachers:
+            targets = teacher_logits(teachers, images, mean, std, size)
+        else:
+            targets = []
+        loss, _ = loss_fn(m.forward_heads(images), y, y_partner, lam, targets)
+        return loss, len(images), indices
+
+    writer = None
+    if cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+    for epoch in range(start_epoch, cfg.train.epochs):
+        seed_everything(cfg.seed * 1000 + epoch)  # drop-path and dropout draws replay on resume
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, loader, step, optimizer, scheduler, scaler, device, cfg.train,
+                                desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+        scores = score(collect(model, evaluation, device, cfg.train.amp), train.classes, full=False)
+        stats.update(epoch=epoch + 1, view=epoch % views, val_top1=scores["top1"], val_top5=scores["top5"],
+                     val_heads_top1=[h["top1"] for h in scores["heads"]])
+        history.append(stats)
+        if writer is not None:
+            for key in ("train_loss", "val_top1", "val_top5", "lr", "images_per_s"):
+                writer.add_scalar(key, stats[key], epoch + 1)
+            for h, top1 in enumerate(stats["val_heads_top1"]):
+                writer.add_scalar(f"val_top1_head{h}", top1, epoch + 1)
+            writer.flush()
+        heads = " ".join(f"{t:.2f}" for t in stats["val_heads_top1"])
+        print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f} "
+              f"(heads {heads})  {stats['images_per_s']:.0f} img/s")
+        with disk_full_is_an_error(f"saving epoch {epoch + 1} in '{out}' failed; the state of epoch {epoch} is intact. "
+                                   "Free space and rerun the same command to resume"):
+            save_checkpoint(model, out / "student", arch, input_size=size, crop_pct=cfg.data.crop_pct, mean=mean, std=std,
+                            dataset={"fingerprint": train.fingerprint, "source": cfg.data.source, "classes": train.classes},
+                            data_config=cfg.data.model_dump(mode="json"), distill=run,
+                            metrics={"epoch": epoch + 1, "val_top1": stats["val_top1"], "val_top5": stats["val_top5"]})
+            save_resume_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
+            tmp = out / "metrics.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+            os.replace(tmp, out / "metrics.jsonl")
+    if writer is not None:
+        writer.close()
+    return history[-1] if history else {}
+

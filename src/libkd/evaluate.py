@@ -1,0 +1,121 @@
+"""``libkd evaluate``: accuracy of every head and of the combined prediction, calibration, agreement.
+
+Metrics come from torchmetrics (top-k accuracy, expected calibration error with 15 bins,
+per-class accuracy, confusion matrix), so they follow the conventions users already trust. The
+same function scores each epoch of a ``distill`` run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
+
+from libkd.config import DataConfig
+from libkd.data import build_dataset
+from libkd.data.transforms import TransformedDataset, eval_transform
+from libkd.engine import autocast
+from libkd.models import build_from_checkpoint
+from libkd.teachers import Teacher, check_classes, load_teachers, teacher_logits
+
+
+def head_logits(model: nn.Module, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(every head's logits, the combined logits): a multi-token student's heads, or a plain model's output."""
+    if hasattr(model, "forward_heads"):
+        heads = model.forward_heads(images)
+        return heads, model.combine(heads)
+    out = model(images)
+    return [out], out
+
+
+@torch.inference_mode()
+def collect(model: nn.Module, loader, device: torch.device, amp: str = "none", teachers: list[Teacher] | None = None,
+            spec: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Logits over a loader: ``heads`` (H, N, C), ``combined`` (N, C), ``labels`` (N,), ``teachers`` (T, N, C)."""
+    model.eval()
+    heads, combined, labels, teacher_out = [], [], [], []
+    for images, y in loader:
+        images = images.to(device)
+        with autocast(device, amp):
+            h, c = head_logits(model, images)
+        heads.append(torch.stack([x.float().cpu() for x in h]))
+        combined.append(c.float().cpu())
+        labels.append(y)
+        if teachers:
+            teacher_out.append(torch.stack([t.cpu() for t in teacher_logits(teachers, images, spec["mean"], spec["std"],
+                                                                             spec["input_size"])]))
+    out = {"heads": torch.cat(heads, 1), "combined": torch.cat(combined), "labels": torch.cat(labels)}
+    if teachers:
+        out["teachers"] = torch.cat(teacher_out, 1)
+    return out
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    num_classes = logits.shape[1]
+    metric = MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
+    return 100.0 * metric(logits, labels).item()
+
+
+def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = True) -> dict[str, Any]:
+    """Top-1/top-5 of each head and of the combined prediction; with ``full``, ECE, per-class accuracy,
+    the confusion matrix and, when teachers ran, their accuracy and each head's agreement with them."""
+    labels, combined, heads = outputs["labels"], outputs["combined"], outputs["heads"]
+    c = len(classes)
+    result: dict[str, Any] = {
+        "top1": accuracy(combined, labels), "top5": accuracy(combined, labels, 5),
+        "heads": [{"top1": accuracy(h, labels), "top5": accuracy(h, labels, 5)} for h in heads],
+        "num_images": len(labels),
+    }
+    if not full:
+        return result
+    probs = combined.softmax(-1)
+    result["ece"] = MulticlassCalibrationError(c, n_bins=15, norm="l1")(probs, labels).item()
+    result["per_class_top1"] = dict(zip(classes, (100.0 * MulticlassAccuracy(c, average="none")(combined, labels)).tolist()))
+    result["confusion_matrix"] = MulticlassConfusionMatrix(c)(combined, labels).tolist()
+    if "teachers" in outputs:
+        teachers = outputs["teachers"]
+        result["teachers"] = [{"top1": accuracy(t, labels), "top5": accuracy(t, labels, 5)} for t in teachers]
+        tokens = heads[1:]
+        if len(tokens) == len(teachers):
+            targets = [t.argmax(-1) for t in teachers]
+        elif len(tokens) == 1:  # one token learning the teachers' mean distribution
+            targets = [teachers.softmax(-1).mean(0).argmax(-1)]
+        else:
+            targets = []
+        result["token_teacher_agreement"] = [100.0 * (h.argmax(-1) == t).float().mean().item() for h, t in zip(tokens, targets)]
+        if len(teachers) == 2:
+            right = [t.argmax(-1) == labels for t in teachers]
+            result["teacher_pair"] = {
+                "agreement": 100.0 * (teachers[0].argmax(-1) == teachers[1].argmax(-1)).float().mean().item(),
+                "only_first_right": 100.0 * (right[0] & ~right[1]).float().mean().item(),
+                "only_second_right": 100.0 * (right[1] & ~right[0]).float().mean().item(),
+                "either_right": 100.0 * (right[0] | right[1]).float().mean().item(),
+            }
+    return result
+
+
+def val_loader(data: DataConfig, spec: dict[str, Any], batch_size: int, seed: int = 0):
+    """The validation split under the evaluation transform a checkpoint was trained for."""
+    val = build_dataset(data, "val", seed=seed)
+    transform = eval_transform(spec["input_size"], spec.get("crop_pct", 1.0), spec["mean"], spec["std"])
+    return torch.utils.data.DataLoader(TransformedDataset(val, transform), batch_size=batch_size), val
+
+
+def evaluate_checkpoint(path: str, data: DataConfig | None = None, teachers: list[str] | None = None,
+                        device: torch.device = torch.device("cpu"), batch_size: int = 256, amp: str = "none") -> dict[str, Any]:
+    """Score a student or teacher checkpoint on its validation split (``data`` overrides the recorded one)."""
+    model, meta = build_from_checkpoint(path, device)
+    if data is None:
+        if "data_config" not in meta:
+            raise LookupError(f"checkpoint '{path}' does not record its data set; pass the data section (-c CONFIG or --set data.*)")
+        data = DataConfig.model_validate(meta["data_config"])
+    spec = {"input_size": meta["input_size"], "crop_pct": meta.get("crop_pct", 1.0), "mean": meta["mean"], "std": meta["std"]}
+    loader, val = val_loader(data, spec, batch_size)
+    check_classes(str(path), meta, val.classes)
+    loaded = load_teachers(teachers, val.classes, device) if teachers else None
+    result = score(collect(model, loader, device, amp, loaded, spec), val.classes)
+    result.update({"checkpoint": str(path), "model": meta["arch"]["name"], "classes": val.classes,
+                   "teacher_checkpoints": teachers or []})
+    return result

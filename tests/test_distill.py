@@ -1,0 +1,151 @@
+"""libkd distill (none / online / store) and libkd evaluate on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from libkd import LibkdError
+from libkd.cli import main
+from libkd.config import load_config
+from libkd.distill import distill
+from libkd.models import create_model, save_checkpoint
+from libkd.store.precompute import precompute
+
+DATA = ["data.source=synthetic", "data.synthetic.per_class=12", "data.synthetic.image_size=16"]
+STUDENT = ["student.kwargs={embed_dim: 32, depth: 2, num_heads: 2, patch_size: 4}", "train.optimizer=adamw", "train.lr=1e-3",
+           "train.weight_decay=0.05", "train.batch_size=16", "train.epochs=2", "train.tensorboard=false", "store.views=2"]
+CLASSES = [f"class{c}" for c in range(4)]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    paths = []
+    for name, kwargs in (("resnet18", {"channels": [8, 16, 32, 64], "stem_width": 8}),
+                         ("rednet26_cifar", {"base_width": 8, "stem_width": 16})):
+        model = create_model(name, 4, **kwargs).eval()
+        arch = {"name": name, "num_classes": 4, "cifar_stem": False, "kwargs": kwargs}
+        paths.append(str(save_checkpoint(model, root / name, arch, input_size=16, dataset={"classes": CLASSES}).with_suffix("")))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, teachers) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("stores")
+    built = {}
+    for name, extra in (("consistent", []), ("naive", ["replay.enabled=false", "store.views=1"])):
+        cfg = load_config(None, DATA + ["store.views=2", "store.shard_size=16", f"store.path={root / name}",
+                                        f"store.teachers=[{', '.join(teachers)}]", *extra])
+        precompute(cfg)
+        built[name] = str(root / name)
+    return built
+
+
+def run_config(out: Path, *extra: str):
+    return load_config(None, DATA + STUDENT + [f"out={out}", *extra])
+
+
+def test_every_mode_trains_and_writes_a_checkpoint_evaluate_reads(tmp_path, teachers, stores, capsys):
+    for mode, extra in (("none", []), ("online", [f"distill.teachers=[{', '.join(teachers)}]"]),
+                        ("store", [f"distill.store={stores['consistent']}"])):
+        out = tmp_path / mode
+        final = distill(run_config(out, f"distill.mode={mode}", *extra))
+        assert final["epoch"] == 2 and len(final["val_heads_top1"]) == (1 if mode == "none" else 3)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["view"] for x in lines] == [0, 1]
+        meta = json.loads((out / "student.json").read_text())
+        assert meta["distill"]["mode"] == mode and meta["arch"]["kwargs"]["num_teachers"] == (0 if mode == "none" else 2)
+    assert main(["evaluate", str(tmp_path / "store" / "student"), "--teachers", *teachers]) == 0
+    printed = capsys.readouterr().out
+    assert "heads [" in printed and "agreement [" in printed
+    result = json.loads((tmp_path / "store" / "student.eval.json").read_text())
+    assert len(result["heads"]) == 3 and len(result["teachers"]) == 2 and len(result["token_teacher_agreement"]) == 2
+    assert 0 <= result["ece"] <= 1 and len(result["confusion_matrix"]) == 4
+    assert sum(map(sum, result["confusion_matrix"])) == result["num_images"]
+
+
+def test_store_and_online_runs_with_the_same_seed_agree(tmp_path, teachers, stores):
+    common = ["train.epochs=1", "train.max_steps_per_epoch=2"]
+    online = distill(run_config(tmp_path / "online", "distill.mode=online", f"distill.teachers=[{', '.join(teachers)}]", *common))
+    stored = distill(run_config(tmp_path / "store", "distill.mode=store", f"distill.store={stores['consistent']}", *common))
+    # Same views, same order, same initial weights: the targets differ only by fp16 rounding.
+    assert abs(online["train_loss"] - stored["train_loss"]) < 1e-3 * online["train_loss"]
+
+
+def test_mean_combination_uses_one_token(tmp_path, stores):
+    final = distill(run_config(tmp_path / "mean", "distill.combine=mean", f"distill.store={stores['consistent']}", "train.epochs=1"))
+    assert len(final["val_heads_top1"]) == 2
+
+
+def test_naive_store_needs_the_explicit_flag_and_is_recorded(tmp_path, stores):
+    with pytest.raises(LibkdError, match="one clean view per image.*distill.naive_store=true"):
+        distill(run_config(tmp_path / "a", f"distill.store={stores['naive']}"))
+    distill(run_config(tmp_path / "b", f"distill.store={stores['naive']}", "distill.naive_store=true", "train.epochs=1"))
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["naive_store"] is True
+    with pytest.raises(LibkdError, match="augmentation-consistent; drop the flag"):
+        distill(run_config(tmp_path / "c", f"distill.store={stores['consistent']}", "distill.naive_store=true"))
+
+
+def test_settings_that_contradict_the_store_are_refused_by_name(tmp_path, stores):
+    for change, field in (("replay.hflip=0.0", "replay.hflip"), ("seed=5", "seed"), ("data.image_size=12", "data.image_size")):
+        with pytest.raises(LibkdError, match=f"other settings than this config asks for: {field}"):
+            distill(run_config(tmp_path / "x", f"distill.store={stores['consistent']}", change))
+
+
+def test_a_store_for_other_data_is_refused(tmp_path, stores):
+    with pytest.raises(LibkdError, match="dataset fingerprint"):
+        distill(run_config(tmp_path / "x", f"distill.store={stores['consistent']}", "data.subset=6"))
+
+
+def test_non_finite_loss_names_step_and_samples_and_keeps_the_last_epoch(tmp_path, stores, monkeypatch):
+    from libkd import distill as distill_module
+
+    real = distill_module.DistillationLoss.__call__
+    calls = {"n": 0}
+
+    def exploding(self, heads, *args):  # fine for epoch 1 (3 steps), NaN from the first step of epoch 2
+        calls["n"] += 1
+        loss, parts = real(self, heads, *args)
+        return (loss * float("nan") if calls["n"] > 3 else loss), parts
+
+    monkeypatch.setattr(distill_module.DistillationLoss, "__call__", exploding)
+    with pytest.raises(LibkdError, match=r"epoch 2/2: loss became nan at step 0 \(samples \[.*last epoch's checkpoint is intact"):
+        distill(run_config(tmp_path / "run", f"distill.store={stores['consistent']}"))
+    assert json.loads((tmp_path / "run" / "student.json").read_text())["metrics"]["epoch"] == 1
+    assert torch.load(tmp_path / "run" / "last_state.pt", weights_only=True)["epoch"] == 1
+
+
+def test_killed_distill_resumes_to_the_same_weights(tmp_path, stores):
+    args = ["distill", "--store", stores["consistent"]]
+    for item in DATA + STUDENT + ["train.epochs=3"]:
+        args += ["--set", item]
+    subprocess.run([sys.executable, "-m", "libkd", *args, "--out", str(tmp_path / "ref")], check=True, capture_output=True)
+    victim = subprocess.Popen([sys.executable, "-m", "libkd", *args, "--out", str(tmp_path / "killed")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "last_state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = subprocess.run([sys.executable, "-m", "libkd", *args, "--out", str(tmp_path / "killed")], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    assert (tmp_path / "ref" / "student.safetensors").read_bytes() == (tmp_path / "killed" / "student.safetensors").read_bytes()
+
+
+def test_distill_help_names_the_options_a_deit_user_looks_for(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = capsys.readouterr().out
+    for word in ("--mode", "--teachers", "--store", "combine", "alpha", "tau", "hard"):
+        assert word in text
