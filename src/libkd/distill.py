@@ -15,7 +15,6 @@ epoch: loss parts, top-1 of every head and of the combination), ``config.yaml``,
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,14 @@ import torch
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, ReplayConfig, StoreConfig, save_config
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
-from libkd.engine import (build_optimizer, build_scheduler, load_resume_state, make_scaler, resolve_device,
-                          save_resume_state, train_one_epoch)
+from libkd.distributed import barrier, setup
+from libkd.engine import (build_optimizer, build_scheduler, load_resume_state, make_scaler, save_resume_state, train_one_epoch,
+                          write_history)
 from libkd.evaluate import collect, score, val_loader
 from libkd.fileio import disk_full_is_an_error, write_json_atomic
 from libkd.losses import DistillationLoss
 from libkd.models import count_parameters, create_model, read_meta, save_checkpoint, teacher_kind
 from libkd.store import LogitStore, read_manifest
-from libkd.store.format import identity_differences
 from libkd.store.precompute import store_identity, view_spec
 from libkd.teachers import check_classes, load_teachers, teacher_logits
 from libkd.train_teacher import load_splits, seed_everything
@@ -89,7 +88,9 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train the student as ``cfg.distill`` says; returns the last epoch's metrics."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    rank, world, device = setup(cfg.device)
+    if cfg.train.batch_size % world:
+        raise LibkdError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide by the {world} processes")
     mode = cfg.distill.mode
     naive, manifest, store, teachers = False, None, None, []
     if mode == "store":
@@ -121,9 +122,12 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     model = create_model(cfg.student.name, train.num_classes, **student_kwargs).to(device)
     arch = {"name": cfg.student.name, "num_classes": train.num_classes, "cifar_stem": False, "kwargs": student_kwargs}
     augment = ReplayAugment(train, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
-    sampler = ReplaySampler(len(train), cfg.seed, views=views)
+    # Each rank takes every world-th sample of the epoch's order, so the global batch holds the same
+    # samples as one process's batch would.
+    sampler = ReplaySampler(len(train), cfg.seed, views=views, rank=rank, world=world)
+    local_batch = cfg.train.batch_size // world
     loader = torch.utils.data.DataLoader(
-        ReplayDataset(augment), sampler=sampler, batch_size=cfg.train.batch_size, drop_last=len(train) > cfg.train.batch_size,
+        ReplayDataset(augment), sampler=sampler, batch_size=local_batch, drop_last=len(sampler) > local_batch,
         num_workers=cfg.train.workers, persistent_workers=cfg.train.workers > 0, pin_memory=device.type == "cuda")
     spec = {"input_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std}
     evaluation, _ = val_loader(cfg.data, spec, cfg.train.eval_batch_size, cfg.seed)
@@ -143,6 +147,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
                 "train": cfg.train.model_dump(mode="json", exclude={"resume", "workers"}),
                 "distill": cfg.distill.model_dump(mode="json"), "replay": recipe_hash(cfg.replay), "seed": cfg.seed,
                 "inputs": spec}
+    log = print if rank == 0 else (lambda *a, **k: None)
     start_epoch, history = 0, []
     state_path = out / STATE_FILE
     if state_path.is_file():
@@ -157,12 +162,16 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
-        print(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
-    save_config(cfg, out)
-    write_json_atomic(out / "run.json", run)
+        log(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
+    trained = HeadsOf(model)
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        save_config(cfg, out)
+        write_json_atomic(out / "run.json", run)
     what = "no teachers" if mode == "none" else f"{num_teachers} teacher(s) ({', '.join(teacher_names)}), {mode}" + (
         ", NAIVE single-view store" if naive else "")
-    print(f"student {cfg.student.name}: {count_parameters(model) / 1e6:.2f}M parameters, {tokens} teacher token(s); {what}; "
+    log(f"student {cfg.student.name}: {count_parameters(model) / 1e6:.2f}M parameters, {tokens} teacher token(s); {what}; "
           f"{len(train)} train / {len(val)} val images, {size} px, {views} view(s), {device}")
 
     def step(m: torch.nn.Module, batch) -> tuple[torch.Tensor, int, Any]:
@@ -175,18 +184,18 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
             targets = teacher_logits(teachers, images, mean, std, size)
         else:
             targets = []
-        loss, _ = loss_fn(m.forward_heads(images), y, y_partner, lam, targets)
+        loss, _ = loss_fn(m(images), y, y_partner, lam, targets)
         return loss, len(images), indices
 
     writer = None
-    if cfg.train.tensorboard:
+    if cfg.train.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
     for epoch in range(start_epoch, cfg.train.epochs):
         seed_everything(cfg.seed * 1000 + epoch)  # drop-path and dropout draws replay on resume
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, step, optimizer, scheduler, scaler, device, cfg.train,
+        stats = train_one_epoch(trained, loader, step, optimizer, scheduler, scaler, device, cfg.train,
                                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
         scores = score(collect(model, evaluation, device, cfg.train.amp), train.classes, full=False)
         stats.update(epoch=epoch + 1, view=epoch % views, val_top1=scores["top1"], val_top5=scores["top5"],
@@ -199,20 +208,38 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
                 writer.add_scalar(f"val_top1_head{h}", top1, epoch + 1)
             writer.flush()
         heads = " ".join(f"{t:.2f}" for t in stats["val_heads_top1"])
-        print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f} "
+        log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f} "
               f"(heads {heads})  {stats['images_per_s']:.0f} img/s")
-        with disk_full_is_an_error(f"saving epoch {epoch + 1} in '{out}' failed; the state of epoch {epoch} is intact. "
-                                   "Free space and rerun the same command to resume"):
-            save_checkpoint(model, out / "student", arch, input_size=size, crop_pct=cfg.data.crop_pct, mean=mean, std=std,
-                            dataset={"fingerprint": train.fingerprint, "source": cfg.data.source, "classes": train.classes},
-                            data_config=cfg.data.model_dump(mode="json"), distill=run,
-                            metrics={"epoch": epoch + 1, "val_top1": stats["val_top1"], "val_top5": stats["val_top5"]})
-            save_resume_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
-            tmp = out / "metrics.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-            os.replace(tmp, out / "metrics.jsonl")
+        if rank == 0:
+            _save_epoch(out, model, arch, optimizer, scheduler, scaler, epoch, history, identity, spec, train, cfg, run, stats)
+        barrier()
     if writer is not None:
         writer.close()
     return history[-1] if history else {}
 
+
+class HeadsOf(torch.nn.Module):
+    """The student as trained: its forward returns every head's logits (what DDP wraps)."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.student.forward_heads(images)
+
+
+def _save_epoch(out: Path, model, arch, optimizer, scheduler, scaler, epoch: int, history: list, identity: dict,
+                spec: dict, train, cfg: ExperimentConfig, run: dict, stats: dict) -> None:
+    """The student checkpoint, the resume state and metrics.jsonl of a finished epoch (rank 0)."""
+    with disk_full_is_an_error(f"saving epoch {epoch + 1} in '{out}' failed; the state of epoch {epoch} is intact. "
+                               "Free space and rerun the same command to resume"):
+        save_checkpoint(model, out / "student", arch, input_size=spec["input_size"], crop_pct=spec["crop_pct"],
+                        mean=spec["mean"], std=spec["std"],
+                        dataset={"fingerprint": train.fingerprint, "source": cfg.data.source, "classes": train.classes},
+                        data_config=cfg.data.model_dump(mode="json"), distill=run,
+                        metrics={"epoch": epoch + 1, "val_top1": stats["val_top1"], "val_top5": stats["val_top5"]})
+        save_resume_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity},
+                          out / STATE_FILE)
+        write_history(out, history)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -33,6 +34,13 @@ def load_resume_state(path: Path, device: torch.device) -> dict:
     except pickle.UnpicklingError as exc:
         raise LibkdError(f"'{path}' holds objects other than tensors and plain values, so it is not loaded "
                          f"(it was not written by libkd, or by an older version); delete it to start the run over") from exc
+
+
+def write_history(out: Path, history: list[dict]) -> None:
+    """``metrics.jsonl``: one JSON line per finished epoch, replaced atomically."""
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, out / "metrics.jsonl")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -8,8 +8,6 @@ complete epoch and, on CPU with a seed, ends with the same weights as an uninter
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recip
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
 from libkd.engine import (build_optimizer, build_scheduler, evaluate, load_resume_state, make_scaler, resolve_device,
-                          save_resume_state, train_one_epoch)
+                          save_resume_state, train_one_epoch, write_history)
 from libkd.models import count_parameters, create_model, save_checkpoint
 
 STATE_FILE = "last_state.pt"
@@ -175,9 +173,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
             _save_teacher(model, out, arch, spec, train, stats, cfg)
             save_resume_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
-            tmp = out / "metrics.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-            os.replace(tmp, out / "metrics.jsonl")
+            write_history(out, history)
     if writer is not None:
         writer.close()
     return history[-1] if history else {}

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from libkd import LibkdError, __version__
 from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, save_config
 from libkd.data import ImageDataset, build_dataset
 from libkd.data.replay import ReplayAugment, ReplayDataset, library_versions, recipe_hash, replay_probe
+from libkd.distributed import barrier, setup
 from libkd.engine import resolve_device
 from libkd.models import teacher_kind
 from libkd.teachers import Teacher, load_teachers, teacher_logits
@@ -74,31 +74,13 @@ def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[
     }
 
 
-def _dist_setup(cfg: ExperimentConfig) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.device)
-    if world > 1 and not dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.type == "cuda":
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world, device
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # per-sample ops on small images: threads only add overhead
 
 
 def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     """Build (or finish) the store at ``cfg.store.path``; returns the build statistics."""
-    rank, world, device = _dist_setup(cfg)
+    rank, world, device = setup(cfg.device)
     if cfg.store.threads:
         torch.set_num_threads(cfg.store.threads)
     root = Path(cfg.store.path)
@@ -123,7 +105,7 @@ def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             if rank == 0:
                 print(f"store '{root}' is already complete ({len(existing['shards'])} shards)")
             return {"skipped": True}
-    _barrier()
+    barrier()
     if rank == 0:
         (root / "shards").mkdir(parents=True, exist_ok=True)
         save_config(cfg, root)
@@ -135,7 +117,7 @@ def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "num_shards": num_shards,
         })
-    _barrier()
+    barrier()
 
     augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
     mine = [s for s in range(rank, num_shards, world) if not done_file(root, s).is_file()]
@@ -173,10 +155,10 @@ def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         images_done += len(indices)
     bar.close()
     elapsed = time.perf_counter() - start_time
-    _barrier()
+    barrier()
     if rank == 0:
         _finish_manifest(root, num_shards)
-    _barrier()
+    barrier()
     return {"images": images_done, "seconds": elapsed, "images_per_s": images_done / max(elapsed, 1e-9)}
 
 
