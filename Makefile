@@ -22,6 +22,10 @@ demo: $(STAMP)
 	$(BIN)/libkd precompute -c configs/digits-store.yaml
 	$(BIN)/libkd store info runs/digits-store
 	$(BIN)/libkd store verify runs/digits-store --samples 32
+	$(BIN)/libkd distill -c configs/digits-distill.yaml --mode none --out runs/digits-student-none
+	$(BIN)/libkd distill -c configs/digits-distill.yaml
+	$(BIN)/libkd evaluate runs/digits-student-none/student
+	$(BIN)/libkd evaluate runs/digits-student-store/student --teachers runs/digits-resnet-teacher/teacher runs/digits-rednet-teacher/teacher
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

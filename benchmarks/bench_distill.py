@@ -142,6 +142,23 @@ def peak_child(args) -> None:
     print(_status_bytes("VmHWM") - before)
 
 
+def stem_macs() -> list[dict]:
+    """GMACs per 224 px image of kdvit_small_patch16_224 with two teacher tokens, patch vs aligned stem."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = []
+    for stem in ("patch", "aligned"):
+        kwargs = {"num_teachers": 2, "stem": stem}
+        if stem == "aligned":
+            kwargs["teacher_kinds"] = ["conv", "inv"]
+        model = create_model("kdvit_small_patch16_224", 1000, **kwargs).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.randn(1, 3, 224, 224))
+        rows.append({"stem": stem, "gmacs": counter.get_total_flops() / 2e9})
+    return rows
+
+
 def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -160,6 +177,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the modes (best round counts)")
     parser.add_argument("--images", type=int, default=640)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--stem-macs", action="store_true", help="only count the aligned stem's cost (GMACs) and exit")
     parser.add_argument("--json")
     parser.add_argument("--peak-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,6 +185,11 @@ def main() -> None:
         args.steps, args.rounds, args.images, args.no_memory = 4, 2, 320, True
     if args.peak_child:
         peak_child(args)
+        return
+    if args.stem_macs:
+        for row in stem_macs():
+            print(f"kdvit_small_patch16_224, 2 teacher tokens, {row['stem']:7} stem: {row['gmacs']:.2f} GMACs per image "
+                  "(aten ops counted by torch.utils.flop_counter; the involution's shifted-view sums are not matmuls and count as 0)")
         return
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -80,9 +80,17 @@ def _worker_init(_: int) -> None:
 
 def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     """Build (or finish) the store at ``cfg.store.path``; returns the build statistics."""
-    rank, world, device = setup(cfg.device)
+    threads = torch.get_num_threads()
     if cfg.store.threads:
         torch.set_num_threads(cfg.store.threads)
+    try:
+        return _precompute(cfg)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the caller's setting as it was
+
+
+def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
+    rank, world, device = setup(cfg.device)
     root = Path(cfg.store.path)
     dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
     if not cfg.store.teachers:
