@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_involution import _status_bytes  # the same peak-RSS reader
+
 from libkd.config import ReplayConfig, load_config
 from libkd.data import build_dataset
 from libkd.data.replay import ReplayAugment
@@ -157,14 +159,6 @@ def stem_macs() -> list[dict]:
             model(torch.randn(1, 3, 224, 224))
         rows.append({"stem": stem, "gmacs": counter.get_total_flops() / 2e9})
     return rows
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from libkd import LibkdError
 from libkd.config import ExperimentConfig, ReplayConfig, StoreConfig, save_config
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.distributed import barrier, setup
-from libkd.engine import (build_optimizer, build_scheduler, load_resume_state, make_scaler, save_resume_state, train_one_epoch,
+from libkd.engine import (build_optimizer, build_scheduler, make_scaler, resume, save_resume_state, train_one_epoch,
                           write_history)
 from libkd.evaluate import collect, score, val_loader
 from libkd.fileio import disk_full_is_an_error, write_json_atomic
@@ -148,20 +148,8 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
                 "distill": cfg.distill.model_dump(mode="json"), "replay": recipe_hash(cfg.replay), "seed": cfg.seed,
                 "inputs": spec}
     log = print if rank == 0 else (lambda *a, **k: None)
-    start_epoch, history = 0, []
-    state_path = out / STATE_FILE
-    if state_path.is_file():
-        if not cfg.train.resume:
-            raise LibkdError(f"'{out}' already holds a run; pick another --out, delete it, or set train.resume=true to continue it")
-        state = load_resume_state(state_path, device)
-        if state["identity"] != identity:
-            changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
-            raise LibkdError(f"'{out}' holds a run with a different {', '.join(changed)}; use another --out or delete '{state_path}'")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], state["history"]
+    start_epoch, history = resume(out / STATE_FILE, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler)
+    if start_epoch:
         log(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
     trained = HeadsOf(model)
     if world > 1:

@@ -36,6 +36,28 @@ def load_resume_state(path: Path, device: torch.device) -> dict:
                          f"(it was not written by libkd, or by an older version); delete it to start the run over") from exc
 
 
+def resume(state_path: Path, identity: dict, allowed: bool, device: torch.device, model: nn.Module,
+           optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler) -> tuple[int, list[dict]]:
+    """Load a run's last state into the training objects: (epochs done, history); (0, []) for a new run.
+
+    A state saved under another ``identity`` (recipe, data, inputs) is refused, naming what changed.
+    """
+    if not state_path.is_file():
+        return 0, []
+    out = state_path.parent
+    if not allowed:
+        raise LibkdError(f"'{out}' already holds a run; pick another --out, delete it, or set train.resume=true to continue it")
+    state = load_resume_state(state_path, device)
+    if state["identity"] != identity:
+        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+        raise LibkdError(f"'{out}' holds a run with a different {', '.join(changed)}; use another --out or delete '{state_path}'")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return state["epoch"], state["history"]
+
+
 def write_history(out: Path, history: list[dict]) -> None:
     """``metrics.jsonl``: one JSON line per finished epoch, replaced atomically."""
     tmp = out / "metrics.jsonl.tmp"

@@ -22,7 +22,7 @@ from libkd.data import ImageDataset, build_dataset
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
-from libkd.engine import (build_optimizer, build_scheduler, evaluate, load_resume_state, make_scaler, resolve_device,
+from libkd.engine import (build_optimizer, build_scheduler, evaluate, make_scaler, resolve_device, resume,
                           save_resume_state, train_one_epoch, write_history)
 from libkd.models import count_parameters, create_model, save_checkpoint
 
@@ -123,20 +123,9 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
     scaler = make_scaler(device, cfg.train.amp)
     identity = _run_identity(cfg, train, spec)
 
-    start_epoch, history = 0, []
     state_path = out / STATE_FILE
-    if state_path.is_file():
-        if not cfg.train.resume:
-            raise LibkdError(f"'{out}' already holds a run; pick another --out, delete it, or set train.resume=true to continue it")
-        state = load_resume_state(state_path, device)
-        if state["identity"] != identity:
-            changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
-            raise LibkdError(f"'{out}' holds a run with a different {', '.join(changed)}; use another --out or delete '{state_path}'")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], state["history"]
+    start_epoch, history = resume(state_path, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler)
+    if start_epoch:
         print(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
     save_config(cfg, out)
     print(f"teacher {cfg.teacher.name}: {count_parameters(model) / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val "
