@@ -173,3 +173,25 @@ def test_two_process_torchrun_follows_the_one_process_loss_curve(tmp_path, store
     w1, w2 = load_file(str(tmp_path / "one" / "student.safetensors")), load_file(str(tmp_path / "two" / "student.safetensors"))
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], atol=1e-4, rtol=1e-3)
+
+
+def test_report_from_two_runs_has_its_table_and_plots(tmp_path, teachers, stores, capsys):
+    distill(run_config(tmp_path / "none", "distill.mode=none", "train.epochs=1"))
+    distill(run_config(tmp_path / "store", f"distill.store={stores['consistent']}", "train.epochs=1"))
+    assert main(["evaluate", str(tmp_path / "store" / "student"), "--teachers", *teachers]) == 0
+    assert main(["report", str(tmp_path / "none"), str(tmp_path / "store"), "--to", str(tmp_path / "report")]) == 0
+    assert str(tmp_path / "report" / "report.md") in capsys.readouterr().out
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| none | none |" in text and "| store | store | resnet18, rednet26_cifar | per-token |" in text
+    assert "only teacher 0 right" in text and "accuracy_per_epoch.png" in text
+    for png in ("accuracy_per_epoch.png", "accuracy_vs_time.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_refuses_runs_of_other_data(tmp_path, capsys):
+    distill(run_config(tmp_path / "a", "distill.mode=none", "train.epochs=1"))
+    distill(run_config(tmp_path / "b", "distill.mode=none", "train.epochs=1", "data.synthetic.num_classes=3"))
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--to", str(tmp_path / "r")]) != 0
+    assert "differ in classes" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--to", str(tmp_path / "r")]) != 0
+    assert "not a finished `libkd distill` run" in capsys.readouterr().err

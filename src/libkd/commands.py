@@ -140,6 +140,21 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 
 
 @command(
+    "report",
+    help="Write a markdown report with PNG plots from one or more distill runs: results per run and head, "
+    "calibration, training speed, the teachers' accuracy and complementarity, accuracy per epoch and against time.",
+    arguments=[arg("runs", nargs="+", help="run folders (the --out of `libkd distill`)"),
+               arg("--to", default="runs/report", help="folder for report.md and its plots (default runs/report)")],
+    uses_config=False,
+)
+def report_cmd(args: argparse.Namespace) -> int:
+    from libkd.report import write_report
+
+    print(f"report: {write_report(args.runs, args.to)}")
+    return 0
+
+
+@command(
     "precompute",
     help="Run the teachers once over V replayable views of every training image and write the logit store "
     "(resumable; shards across processes under torchrun).",

@@ -1,0 +1,132 @@
+"""``libkd report RUN_DIR...``: one markdown file and PNG plots comparing distillation runs.
+
+Each run folder is what ``libkd distill`` wrote (``run.json``, ``metrics.jsonl``,
+``student.json``) plus, when ``libkd evaluate`` ran on it, ``student.eval.json``: calibration,
+the teachers' own accuracy, their complementarity and each token's agreement with its teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from libkd import LibkdError
+
+
+def load_run(folder: str | Path) -> dict[str, Any]:
+    """Everything a report needs from one run folder; a folder that is not a distill run is named."""
+    folder = Path(folder)
+    needed = [folder / "run.json", folder / "metrics.jsonl", folder / "student.json"]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise LibkdError(f"'{folder}' is not a finished `libkd distill` run (missing {', '.join(missing)}); "
+                         "pass the --out folders of distill runs")
+    run = json.loads((folder / "run.json").read_text())
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    meta = json.loads((folder / "student.json").read_text())
+    evaluation = folder / "student.eval.json"
+    return {"name": folder.name, "path": str(folder), "run": run, "history": history, "meta": meta,
+            "eval": json.loads(evaluation.read_text()) if evaluation.is_file() else None}
+
+
+def _check_comparable(runs: list[dict[str, Any]]) -> None:
+    first = runs[0]
+    for other in runs[1:]:
+        for label, get in (("classes", lambda r: r["meta"]["dataset"]["classes"]),
+                           ("training data (fingerprint)", lambda r: r["run"]["dataset"])):
+            if get(other) != get(first):
+                raise LibkdError(f"runs '{first['path']}' and '{other['path']}' differ in {label}; a report compares runs "
+                                 "of one data set: make one report per data set")
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(runs: list[dict[str, Any]]) -> list[str]:
+    heads = max(len(r["history"][-1]["val_heads_top1"]) for r in runs)
+    header = ["run", "mode", "teachers", "combine", "epochs", "top-1", *[f"head {h} top-1" for h in range(heads)],
+              "ECE", "train img/s", "wall time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        last, run = r["history"][-1], r["run"]
+        mode = run["mode"] + (" (naive store)" if run.get("naive_store") else "")
+        per_head = last["val_heads_top1"] + [None] * (heads - len(last["val_heads_top1"]))
+        seconds = sum(h["train_seconds"] for h in r["history"])
+        img_s = sum(h["images_per_s"] for h in r["history"]) / len(r["history"])
+        ece = r["eval"]["ece"] if r["eval"] else None
+        row = [r["name"], mode, ", ".join(run["teachers"]) or "—", run.get("combine") or "—", str(last["epoch"]),
+               f"**{_fmt(last['val_top1'])}**", *[_fmt(v) for v in per_head], _fmt(ece, 4), f"{img_s:.0f}",
+               f"{seconds / 60:.1f} min"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def teacher_section(runs: list[dict[str, Any]]) -> list[str]:
+    evaluated = [r for r in runs if r["eval"] and "teachers" in r["eval"]]
+    if not evaluated:
+        return ["No run was evaluated with `--teachers`: run `libkd evaluate RUN/student --teachers T...` for the "
+                "teachers' accuracy, complementarity and token agreement."]
+    e = evaluated[0]["eval"]
+    lines = ["| teacher | top-1 | top-5 |", "|---|---|---|"]
+    for path, t in zip(e["teacher_checkpoints"], e["teachers"]):
+        lines.append(f"| `{path}` | {t['top1']:.2f} | {t['top5']:.2f} |")
+    pair = e.get("teacher_pair")
+    if pair:
+        lines += ["", "Teacher complementarity on the validation split (percent of images):", "",
+                  "| both agree | only teacher 0 right | only teacher 1 right | either right |", "|---|---|---|---|",
+                  f"| {pair['agreement']:.1f} | {pair['only_first_right']:.1f} | {pair['only_second_right']:.1f} | "
+                  f"{pair['either_right']:.1f} |"]
+    lines += ["", "Agreement of each student token with its teacher (percent of images):", "",
+              "| run | token agreement |", "|---|---|"]
+    for r in evaluated:
+        agreement = r["eval"].get("token_teacher_agreement") or []
+        lines.append(f"| {r['name']} | {', '.join(f'{a:.1f}' for a in agreement) or '—'} |")
+    return lines
+
+
+def plot(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    """Accuracy per epoch and accuracy against wall-clock time, every run on one chart each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for name, xlabel, xs in (("accuracy_per_epoch.png", "epoch", lambda h: [e["epoch"] for e in h]),
+                             ("accuracy_vs_time.png", "training time (min)",
+                              lambda h: [sum(e["train_seconds"] for e in h[: i + 1]) / 60 for i in range(len(h))])):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for r in runs:
+            ax.plot(xs(r["history"]), [e["val_top1"] for e in r["history"]], marker="o", markersize=3, label=r["name"])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write_report(folders: list[str], out: str | Path) -> Path:
+    """Write ``out/report.md`` and its plots; returns the markdown file's path."""
+    if not folders:
+        raise LibkdError("no run folders given; pass the --out folders of one or more `libkd distill` runs")
+    runs = [load_run(f) for f in folders]
+    _check_comparable(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = plot(runs, out)
+    data = runs[0]["meta"]["data_config"]
+    lines = ["# libkd report", "",
+             f"Data: {data['source']} {data.get('root') or ''} (subset {data.get('subset')}), "
+             f"{len(runs[0]['meta']['dataset']['classes'])} classes; top-1 on the validation split, in percent. "
+             "Head 0 is the class token's head, head t the token of teacher t; top-1 is the combined prediction.", "",
+             *results_table(runs), "", "## Teachers", "", *teacher_section(runs), "", "## Curves", ""]
+    lines += [f"![{p}]({p})" for p in pictures]
+    target = out / "report.md"
+    target.write_text("\n".join(lines) + "\n")
+    return target
