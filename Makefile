@@ -24,8 +24,11 @@ demo: $(STAMP)
 	$(BIN)/libkd store verify runs/digits-store --samples 32
 	$(BIN)/libkd distill -c configs/digits-distill.yaml --mode none --out runs/digits-student-none
 	$(BIN)/libkd distill -c configs/digits-distill.yaml
+	$(BIN)/libkd evaluate runs/digits-resnet-teacher/teacher
+	$(BIN)/libkd evaluate runs/digits-rednet-teacher/teacher
 	$(BIN)/libkd evaluate runs/digits-student-none/student
 	$(BIN)/libkd evaluate runs/digits-student-store/student --teachers runs/digits-resnet-teacher/teacher runs/digits-rednet-teacher/teacher
+	$(BIN)/libkd report runs/digits-student-none runs/digits-student-store --to runs/digits-report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -195,3 +195,17 @@ def test_report_refuses_runs_of_other_data(tmp_path, capsys):
     assert "differ in classes" in capsys.readouterr().err
     assert main(["report", str(tmp_path), "--to", str(tmp_path / "r")]) != 0
     assert "not a finished `libkd distill` run" in capsys.readouterr().err
+
+
+def test_weight_ema_is_evaluated_saved_and_resumed(tmp_path, stores):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ema"
+    distill(run_config(out, f"distill.store={stores['consistent']}", "train.epochs=1", "train.ema_decay=0.5"))
+    state = torch.load(out / "last_state.pt", weights_only=True)
+    saved = load_file(str(out / "student.safetensors"))
+    for key, value in saved.items():
+        torch.testing.assert_close(value, state["ema"][key])
+    assert any(not torch.equal(saved[k], state["model"][k]) for k in saved)  # the EMA lags the raw weights
+    final = distill(run_config(out, f"distill.store={stores['consistent']}", "train.epochs=1", "train.ema_decay=0.5"))
+    assert final["epoch"] == 1  # complete: reused, not retrained

@@ -148,8 +148,16 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
                 "distill": cfg.distill.model_dump(mode="json"), "replay": recipe_hash(cfg.replay), "seed": cfg.seed,
                 "inputs": spec}
     log = print if rank == 0 else (lambda *a, **k: None)
-    start_epoch, history = resume(out / STATE_FILE, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler)
-    if start_epoch:
+    ema = None
+    if cfg.train.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    start_epoch, history = resume(out / STATE_FILE, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler,
+                                  extra={"ema": ema.module} if ema else None)
+    if start_epoch >= cfg.train.epochs:
+        log(f"'{out}' is already complete ({start_epoch} epochs): reusing it")
+    elif start_epoch:
         log(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
     trained = HeadsOf(model)
     if world > 1:
@@ -184,8 +192,9 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         seed_everything(cfg.seed * 1000 + epoch)  # drop-path and dropout draws replay on resume
         sampler.set_epoch(epoch)
         stats = train_one_epoch(trained, loader, step, optimizer, scheduler, scaler, device, cfg.train,
-                                desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
-        scores = score(collect(model, evaluation, device, cfg.train.amp), train.classes, full=False)
+                                desc=f"epoch {epoch + 1}/{cfg.train.epochs}", after_step=(lambda: ema.update(model)) if ema else None)
+        final = ema.module if ema else model  # what is evaluated and saved as the student
+        scores = score(collect(final, evaluation, device, cfg.train.amp), train.classes, full=False)
         stats.update(epoch=epoch + 1, view=epoch % views, val_top1=scores["top1"], val_top5=scores["top5"],
                      val_heads_top1=[h["top1"] for h in scores["heads"]])
         history.append(stats)
@@ -199,7 +208,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f} "
               f"(heads {heads})  {stats['images_per_s']:.0f} img/s")
         if rank == 0:
-            _save_epoch(out, model, arch, optimizer, scheduler, scaler, epoch, history, identity, spec, train, cfg, run, stats)
+            _save_epoch(out, model, final, arch, optimizer, scheduler, scaler, epoch, history, identity, spec, train, cfg, run, stats)
         barrier()
     if writer is not None:
         writer.close()
@@ -217,17 +226,19 @@ class HeadsOf(torch.nn.Module):
         return self.student.forward_heads(images)
 
 
-def _save_epoch(out: Path, model, arch, optimizer, scheduler, scaler, epoch: int, history: list, identity: dict,
+def _save_epoch(out: Path, model, final, arch, optimizer, scheduler, scaler, epoch: int, history: list, identity: dict,
                 spec: dict, train, cfg: ExperimentConfig, run: dict, stats: dict) -> None:
-    """The student checkpoint, the resume state and metrics.jsonl of a finished epoch (rank 0)."""
+    """The student checkpoint (``final``: the EMA weights when kept), the resume state and metrics.jsonl (rank 0)."""
     with disk_full_is_an_error(f"saving epoch {epoch + 1} in '{out}' failed; the state of epoch {epoch} is intact. "
                                "Free space and rerun the same command to resume"):
-        save_checkpoint(model, out / "student", arch, input_size=spec["input_size"], crop_pct=spec["crop_pct"],
+        save_checkpoint(final, out / "student", arch, input_size=spec["input_size"], crop_pct=spec["crop_pct"],
                         mean=spec["mean"], std=spec["std"],
                         dataset={"fingerprint": train.fingerprint, "source": cfg.data.source, "classes": train.classes},
                         data_config=cfg.data.model_dump(mode="json"), distill=run,
                         metrics={"epoch": epoch + 1, "val_top1": stats["val_top1"], "val_top5": stats["val_top5"]})
-        save_resume_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity},
-                          out / STATE_FILE)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity}
+        if final is not model:
+            state["ema"] = final.state_dict()
+        save_resume_state(state, out / STATE_FILE)
         write_history(out, history)

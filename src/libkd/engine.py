@@ -37,7 +37,8 @@ def load_resume_state(path: Path, device: torch.device) -> dict:
 
 
 def resume(state_path: Path, identity: dict, allowed: bool, device: torch.device, model: nn.Module,
-           optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler) -> tuple[int, list[dict]]:
+           optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+           extra: dict[str, nn.Module] | None = None) -> tuple[int, list[dict]]:
     """Load a run's last state into the training objects: (epochs done, history); (0, []) for a new run.
 
     A state saved under another ``identity`` (recipe, data, inputs) is refused, naming what changed.
@@ -55,6 +56,8 @@ def resume(state_path: Path, identity: dict, allowed: bool, device: torch.device
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
+    for key, module in (extra or {}).items():  # e.g. the EMA weights
+        module.load_state_dict(state[key])
     return state["epoch"], state["history"]
 
 
@@ -122,6 +125,7 @@ def train_one_epoch(
     device: torch.device,
     cfg: TrainConfig,
     desc: str,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``, shared by teacher training and distillation.
 
@@ -155,6 +159,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if after_step is not None:
+            after_step()  # e.g. the weight EMA's update
         steps += 1
         seen += size
         total_loss += loss.item() * size

@@ -125,7 +125,9 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
 
     state_path = out / STATE_FILE
     start_epoch, history = resume(state_path, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler)
-    if start_epoch:
+    if start_epoch >= cfg.train.epochs:
+        print(f"'{out}' is already complete ({start_epoch} epochs): reusing it")
+    elif start_epoch:
         print(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
     save_config(cfg, out)
     print(f"teacher {cfg.teacher.name}: {count_parameters(model) / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val "
