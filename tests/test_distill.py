@@ -209,3 +209,10 @@ def test_weight_ema_is_evaluated_saved_and_resumed(tmp_path, stores):
     assert any(not torch.equal(saved[k], state["model"][k]) for k in saved)  # the EMA lags the raw weights
     final = distill(run_config(out, f"distill.store={stores['consistent']}", "train.epochs=1", "train.ema_decay=0.5"))
     assert final["epoch"] == 1  # complete: reused, not retrained
+
+
+def test_compiled_student_trains_like_the_eager_one(tmp_path, stores):
+    common = [f"distill.store={stores['consistent']}", "train.epochs=1", "train.max_steps_per_epoch=2"]
+    eager = distill(run_config(tmp_path / "eager", *common))
+    compiled = distill(run_config(tmp_path / "compiled", *common, "train.compile=true"))
+    assert abs(eager["train_loss"] - compiled["train_loss"]) < 1e-3 * eager["train_loss"]

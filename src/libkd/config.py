@@ -144,6 +144,7 @@ class TrainConfig(Section):
     workers: int = Field(0, ge=0)
     amp: Literal["none", "bf16", "fp16"] = "none"
     clip_grad: float | None = Field(None, gt=0)  # max gradient norm (None: no clipping)
+    compile: bool = False  # distill: torch.compile the student's training forward (eval stays eager)
     # Weight EMA for distillation (timm's ModelEmaV3): evaluated and saved instead of the raw weights.
     ema_decay: float | None = Field(None, gt=0, lt=1)
     # Cap on optimiser steps per epoch (smoke runs); None trains on the whole split.

@@ -162,6 +162,8 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     trained = HeadsOf(model)
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        trained = torch.compile(trained)
     if rank == 0:
         save_config(cfg, out)
         write_json_atomic(out / "run.json", run)
