@@ -62,6 +62,9 @@ def test_every_mode_trains_and_writes_a_checkpoint_evaluate_reads(tmp_path, teac
         assert final["epoch"] == 2 and len(final["val_heads_top1"]) == (1 if mode == "none" else 3)
         lines = (out / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["view"] for x in lines] == [0, 1]
+        steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+        assert [(s["epoch"], s["global_step"]) for s in steps] == [(1, 0), (1, 1), (1, 2), (2, 3), (2, 4), (2, 5)]
+        assert all(s["loss"] > 0 and s["lr"] > 0 for s in steps)
         meta = json.loads((out / "student.json").read_text())
         assert meta["distill"]["mode"] == mode and meta["arch"]["kwargs"]["num_teachers"] == (0 if mode == "none" else 2)
     assert main(["evaluate", str(tmp_path / "store" / "student"), "--teachers", *teachers]) == 0
@@ -141,6 +144,10 @@ def test_killed_distill_resumes_to_the_same_weights(tmp_path, stores):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
     assert (tmp_path / "ref" / "student.safetensors").read_bytes() == (tmp_path / "killed" / "student.safetensors").read_bytes()
+    # Per-step lines: each step once, with the uninterrupted run's losses.
+    ref, killed = ((tmp_path / r / "steps.jsonl").read_text().splitlines() for r in ("ref", "killed"))
+    assert [json.loads(x)["global_step"] for x in killed] == list(range(9))
+    assert [json.loads(x)["loss"] for x in killed] == [json.loads(x)["loss"] for x in ref]
 
 
 def test_distill_help_names_the_options_a_deit_user_looks_for(capsys):

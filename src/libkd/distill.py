@@ -193,8 +193,10 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.train.epochs):
         seed_everything(cfg.seed * 1000 + epoch)  # drop-path and dropout draws replay on resume
         sampler.set_epoch(epoch)
+        step_log: list[dict] = []
         stats = train_one_epoch(trained, loader, step, optimizer, scheduler, scaler, device, cfg.train,
-                                desc=f"epoch {epoch + 1}/{cfg.train.epochs}", after_step=(lambda: ema.update(model)) if ema else None)
+                                desc=f"epoch {epoch + 1}/{cfg.train.epochs}", after_step=(lambda: ema.update(model)) if ema else None,
+                                step_log=step_log)
         final = ema.module if ema else model  # what is evaluated and saved as the student
         scores = score(collect(final, evaluation, device, cfg.train.amp), train.classes, full=False)
         stats.update(epoch=epoch + 1, view=epoch % views, val_top1=scores["top1"], val_top5=scores["top5"],
@@ -205,16 +207,30 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
                 writer.add_scalar(key, stats[key], epoch + 1)
             for h, top1 in enumerate(stats["val_heads_top1"]):
                 writer.add_scalar(f"val_top1_head{h}", top1, epoch + 1)
+            for record in step_log:
+                writer.add_scalar("step_loss", record["loss"], epoch * steps + record["step"])
             writer.flush()
         heads = " ".join(f"{t:.2f}" for t in stats["val_heads_top1"])
         log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f} "
               f"(heads {heads})  {stats['images_per_s']:.0f} img/s")
         if rank == 0:
             _save_epoch(out, model, final, arch, optimizer, scheduler, scaler, epoch, history, identity, spec, train, cfg, run, stats)
+            _save_steps(out, epoch, steps, step_log)
         barrier()
     if writer is not None:
         writer.close()
     return history[-1] if history else {}
+
+
+def _save_steps(out: Path, epoch: int, steps_per_epoch: int, step_log: list[dict]) -> None:
+    """``steps.jsonl``: one line per optimiser step of the finished epochs (lines of an epoch that a
+    kill interrupted are dropped on resume, since only finished epochs are kept)."""
+    path = out / "steps.jsonl"
+    kept = [line for line in (path.read_text().splitlines() if path.is_file() else []) if json.loads(line)["epoch"] <= epoch]
+    new = [json.dumps({"epoch": epoch + 1, "global_step": epoch * steps_per_epoch + r["step"], **r}) for r in step_log]
+    tmp = out / "steps.jsonl.tmp"
+    tmp.write_text("".join(line + "\n" for line in kept + new))
+    tmp.replace(path)
 
 
 class HeadsOf(torch.nn.Module):

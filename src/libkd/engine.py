@@ -126,6 +126,7 @@ def train_one_epoch(
     cfg: TrainConfig,
     desc: str,
     after_step: Callable[[], None] | None = None,
+    step_log: list[dict] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``, shared by teacher training and distillation.
 
@@ -133,7 +134,8 @@ def train_one_epoch(
     mixing ratios, teacher targets) under autocast and returns ``(loss, images, sample_ids)``; the
     loop does the rest: backward with ``scaler`` (kept by the caller for resume), clipping,
     the optimiser and scheduler steps, progress and a stop on a non-finite loss that names the
-    step and ``sample_ids``. Only ``model`` is put in train mode.
+    step and ``sample_ids``. Only ``model`` is put in train mode. With ``step_log``, one record
+    per step (step, loss, lr) is appended to it.
     """
     model.train()
     total_loss, seen, steps = 0.0, 0, 0
@@ -156,6 +158,7 @@ def train_one_epoch(
         if cfg.clip_grad:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -164,6 +167,8 @@ def train_one_epoch(
         steps += 1
         seen += size
         total_loss += loss.item() * size
+        if step_log is not None:
+            step_log.append({"step": steps - 1, "loss": loss.item(), "lr": step_lr})
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     bar.close()
