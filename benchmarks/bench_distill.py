@@ -48,28 +48,31 @@ CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 MODES = ("none", "none+2tok", "store", "online")
 QUICK_TEACHERS = [("resnet18", {"channels": [16, 32, 64, 128], "stem_width": 16}, True),
                   ("rednet26_cifar", {"base_width": 16, "stem_width": 16}, False)]
+# --imagenet-shapes: the paper's shapes at a small batch (CIFAR images resized to 224 px).
+IMAGENET_TEACHERS = [("resnet18", {}, False), ("rednet26", {}, False)]
 
 
-def quick_teachers(root: Path, classes: list[str]) -> list[str]:
+def quick_teachers(root: Path, classes: list[str], specs=QUICK_TEACHERS, size: int = 32) -> list[str]:
     paths = []
-    for name, kwargs, cifar_stem in QUICK_TEACHERS:
+    for name, kwargs, cifar_stem in specs:
         model = create_model(name, len(classes), cifar_stem=cifar_stem, **kwargs)
         arch = {"name": name, "num_classes": len(classes), "cifar_stem": cifar_stem, "kwargs": kwargs}
-        paths.append(str(save_checkpoint(model, root / name, arch, input_size=32, dataset={"classes": classes}).with_suffix("")))
+        paths.append(str(save_checkpoint(model, root / name, arch, input_size=size, dataset={"classes": classes}).with_suffix("")))
     return paths
 
 
 def setup(args, workdir: Path):
     """Data (a slice of CIFAR-10 train), teachers, a 1-view store of that slice, and replayed batches."""
-    data = ["data.source=imagefolder", f"data.root={CIFAR}", f"data.subset={args.images // 10}"]
+    data = ["data.source=imagefolder", f"data.root={CIFAR}", f"data.subset={args.images // 10}", f"data.image_size={args.size}"]
     cfg = load_config(None, data)
     train = build_dataset(cfg.data, "train")
-    teachers = args.teachers or quick_teachers(workdir / "teachers", train.classes)
+    teachers = args.teachers or quick_teachers(workdir / "teachers", train.classes,
+                                               IMAGENET_TEACHERS if args.size == 224 else QUICK_TEACHERS, args.size)
     store_cfg = load_config(None, data + [f"store.path={workdir / 'store'}", f"store.teachers=[{', '.join(teachers)}]",
-                                          "store.views=1", "store.batch_size=128", "store.threads=1"])
+                                          "store.views=1", f"store.batch_size={min(128, args.images)}", "store.threads=1"])
     precompute(store_cfg)
     mean, std = store_cfg.data.mean or train.mean_std()[0], store_cfg.data.std or train.mean_std()[1]
-    augment = ReplayAugment(train, ReplayConfig(), 0, 32, mean, std)
+    augment = ReplayAugment(train, ReplayConfig(), 0, args.size, mean, std)
     batches = []
     for start in range(0, args.batch * args.steps, args.batch):
         idx = np.arange(start, start + args.batch) % len(train)
@@ -79,10 +82,11 @@ def setup(args, workdir: Path):
     return train, teachers, workdir / "store", batches, list(mean), list(std)
 
 
-def make_step(mode: str, classes: int, teachers: list[str], store_path: Path, mean, std, device):
+def make_step(mode: str, classes: int, teachers: list[str], store_path: Path, mean, std, device,
+              student_name: str = "kdvit_mini_patch4_32", size: int = 32):
     torch.manual_seed(0)
     tokens = 0 if mode == "none" else 2
-    student = create_model("kdvit_mini_patch4_32", classes, num_teachers=tokens).to(device)
+    student = create_model(student_name, classes, num_teachers=tokens).to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     loss_fn = DistillationLoss(classes, alpha=0.5)
     store = LogitStore(store_path) if mode == "store" else None
@@ -96,7 +100,7 @@ def make_step(mode: str, classes: int, teachers: list[str], store_path: Path, me
             targets = [t.to(device) for t in store.read(idx, 0)]
         elif mode == "online":
             start = time.perf_counter()
-            targets = teacher_logits(loaded, images, mean, std, 32)
+            targets = teacher_logits(loaded, images, mean, std, size)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             timers["teachers"] += time.perf_counter() - start
@@ -135,7 +139,7 @@ def peak_child(args) -> None:
     workdir = Path(args.peak_child[1])
     mode = args.peak_child[0]
     train, teachers, store_path, batches, mean, std = setup(args, workdir)
-    step, _ = make_step(mode, train.num_classes, teachers, store_path, mean, std, torch.device("cpu"))
+    step, _ = make_step(mode, train.num_classes, teachers, store_path, mean, std, torch.device("cpu"), args.student, args.size)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     before = _status_bytes("VmRSS")
@@ -172,11 +176,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=640)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--stem-macs", action="store_true", help="only count the aligned stem's cost (GMACs) and exit")
+    parser.add_argument("--imagenet-shapes", action="store_true",
+                        help="224 px: kdvit_tiny_patch16_224 (DeiT-Ti) with untrained ResNet-18 and RedNet-26 teachers, batch 8")
     parser.add_argument("--json")
     parser.add_argument("--peak-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.student, args.size = "kdvit_mini_patch4_32", 32
     if args.quick:
         args.steps, args.rounds, args.images, args.no_memory = 4, 2, 320, True
+    if args.imagenet_shapes:
+        args.student, args.size, args.batch, args.steps, args.images, args.no_memory = "kdvit_tiny_patch16_224", 224, 8, 3, 30, True
     if args.peak_child:
         peak_child(args)
         return
@@ -188,7 +197,7 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         train, teachers, store_path, batches, mean, std = setup(args, Path(tmp))
-        steps = {m: make_step(m, train.num_classes, teachers, store_path, mean, std, device) for m in MODES}
+        steps = {m: make_step(m, train.num_classes, teachers, store_path, mean, std, device, args.student, args.size) for m in MODES}
         best = {m: 0.0 for m in MODES}
         teacher_share = 0.0
         for _ in range(args.rounds):  # alternate so that drift on a noisy machine hits every mode alike
@@ -208,8 +217,9 @@ def main() -> None:
                                      + (["--teachers", *args.teachers] if args.teachers else []),
                                      capture_output=True, text=True, check=True)
                 rows[mode]["peak_mib"] = int(out.stdout.strip().splitlines()[-1]) / 2**20
-    print(f"kdvit_mini_patch4_32, batch {args.batch}, {args.steps} steps x {args.rounds} rounds, {device}, "
-          f"{torch.get_num_threads()} threads, teachers: {'given' if args.teachers else 'untrained small CIFAR teachers'}")
+    print(f"{args.student} at {args.size} px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds, {device}, "
+          f"{torch.get_num_threads()} threads, teachers: "
+          + ("given" if args.teachers else "untrained ResNet-18 + RedNet-26" if args.size == 224 else "untrained small CIFAR teachers"))
     for mode in MODES:
         mem = f"{rows[mode]['peak_mib']:8.1f} MiB" if "peak_mib" in rows[mode] else ""
         print(f"{mode:10} {rows[mode]['img_s']:8.1f} img/s  {rows[mode]['img_s'] / best['none']:5.3f}x none  {mem}")
