@@ -223,3 +223,9 @@ def test_compiled_student_trains_like_the_eager_one(tmp_path, stores):
     eager = distill(run_config(tmp_path / "eager", *common))
     compiled = distill(run_config(tmp_path / "compiled", *common, "train.compile=true"))
     assert abs(eager["train_loss"] - compiled["train_loss"]) < 1e-3 * eager["train_loss"]
+
+
+def test_resuming_with_another_token_count_names_both_numbers(tmp_path, stores):
+    distill(run_config(tmp_path / "run", f"distill.store={stores['consistent']}", "train.epochs=1"))
+    with pytest.raises(LibkdError, match="student.num_teachers: saved 2, now 1"):
+        distill(run_config(tmp_path / "run", f"distill.store={stores['consistent']}", "train.epochs=1", "distill.combine=mean"))

@@ -51,7 +51,16 @@ def resume(state_path: Path, identity: dict, allowed: bool, device: torch.device
     state = load_resume_state(state_path, device)
     if state["identity"] != identity:
         changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
-        raise LibkdError(f"'{out}' holds a run with a different {', '.join(changed)}; use another --out or delete '{state_path}'")
+        details = []
+        for key in changed:
+            saved, now = state["identity"].get(key), identity[key]
+            if isinstance(saved, dict) and isinstance(now, dict):
+                details += [f"{key}.{sub}: saved {saved.get(sub)!r}, now {now.get(sub)!r}"
+                            for sub in sorted(set(saved) | set(now)) if saved.get(sub) != now.get(sub)]
+            else:
+                details.append(f"{key}: saved {str(saved)[:60]!r}, now {str(now)[:60]!r}")
+        raise LibkdError(f"'{out}' holds a run with a different {', '.join(changed)} ({'; '.join(details[:6])}); "
+                         f"use another --out or delete '{state_path}'")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
