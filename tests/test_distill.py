@@ -229,3 +229,12 @@ def test_resuming_with_another_token_count_names_both_numbers(tmp_path, stores):
     distill(run_config(tmp_path / "run", f"distill.store={stores['consistent']}", "train.epochs=1"))
     with pytest.raises(LibkdError, match="student.num_teachers: saved 2, now 1"):
         distill(run_config(tmp_path / "run", f"distill.store={stores['consistent']}", "train.epochs=1", "distill.combine=mean"))
+
+
+def test_resume_drops_step_lines_of_unfinished_epochs_and_torn_lines(tmp_path):
+    from libkd.distill import _trim_steps
+
+    lines = [json.dumps({"epoch": e, "global_step": g}) for e, g in ((1, 0), (1, 1), (2, 2))]
+    (tmp_path / "steps.jsonl").write_text("\n".join(lines) + '\n{"epoch": 2, "glo')
+    _trim_steps(tmp_path, 1)
+    assert (tmp_path / "steps.jsonl").read_text().splitlines() == lines[:2]

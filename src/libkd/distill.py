@@ -159,6 +159,8 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         log(f"'{out}' is already complete ({start_epoch} epochs): reusing it")
     elif start_epoch:
         log(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
+    if rank == 0:
+        _trim_steps(out, start_epoch)
     trained = HeadsOf(model)
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
@@ -214,23 +216,38 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f} "
               f"(heads {heads})  {stats['images_per_s']:.0f} img/s")
         if rank == 0:
+            _append_steps(out, epoch, steps, step_log)  # before the state: a kill in between leaves lines a resume drops
             _save_epoch(out, model, final, arch, optimizer, scheduler, scaler, epoch, history, identity, spec, train, cfg, run, stats)
-            _save_steps(out, epoch, steps, step_log)
         barrier()
     if writer is not None:
         writer.close()
     return history[-1] if history else {}
 
 
-def _save_steps(out: Path, epoch: int, steps_per_epoch: int, step_log: list[dict]) -> None:
-    """``steps.jsonl``: one line per optimiser step of the finished epochs (lines of an epoch that a
-    kill interrupted are dropped on resume, since only finished epochs are kept)."""
+def _trim_steps(out: Path, epochs_done: int) -> None:
+    """Keep only the ``steps.jsonl`` lines of finished epochs (a killed epoch may have left some, or half a line)."""
     path = out / "steps.jsonl"
-    kept = [line for line in (path.read_text().splitlines() if path.is_file() else []) if json.loads(line)["epoch"] <= epoch]
-    new = [json.dumps({"epoch": epoch + 1, "global_step": epoch * steps_per_epoch + r["step"], **r}) for r in step_log]
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line torn by a kill: nothing after it is complete
+        if record["epoch"] > epochs_done:
+            break
+        kept.append(line)
     tmp = out / "steps.jsonl.tmp"
-    tmp.write_text("".join(line + "\n" for line in kept + new))
+    tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+
+
+def _append_steps(out: Path, epoch: int, steps_per_epoch: int, step_log: list[dict]) -> None:
+    """``steps.jsonl``: one line per optimiser step, appended once the epoch has finished."""
+    with open(out / "steps.jsonl", "a") as fh:
+        fh.writelines(json.dumps({"epoch": epoch + 1, "global_step": epoch * steps_per_epoch + r["step"], **r}) + "\n"
+                      for r in step_log)
 
 
 class HeadsOf(torch.nn.Module):

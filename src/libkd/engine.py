@@ -173,13 +173,14 @@ def train_one_epoch(
         scheduler.step()
         if after_step is not None:
             after_step()  # e.g. the weight EMA's update
+        value = loss.item()  # one device sync per step, not one per use
+        if step_log is not None:
+            step_log.append({"step": steps, "loss": value, "lr": step_lr})
         steps += 1
         seen += size
-        total_loss += loss.item() * size
-        if step_log is not None:
-            step_log.append({"step": steps - 1, "loss": loss.item(), "lr": step_lr})
+        total_loss += value * size
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+        bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     bar.close()
     elapsed = time.perf_counter() - start
     return {"train_loss": total_loss / max(1, seen), "images_per_s": seen / elapsed, "train_seconds": elapsed,
