@@ -87,7 +87,8 @@ def train_teacher_cmd(args: argparse.Namespace) -> int:
     "KD soft (KL at temperature distill.tau, times tau^2) or hard (distill.kind=hard: CE with the teacher's argmax). "
     "Resumable after a kill; metrics.jsonl, TensorBoard, student.safetensors + .json in --out.",
     arguments=[arg("--mode", choices=["none", "online", "store"], help="shortcut for --set distill.mode=..."),
-               arg("--teachers", nargs="+", help="online mode: teacher checkpoints (shortcut for distill.teachers)"),
+               arg("--teachers", nargs="+", help="online mode: teacher checkpoints; store mode: which of the store's teachers "
+                   "to learn from, e.g. one for a single-teacher student (default all; shortcut for distill.teachers)"),
                arg("--store", help="store mode: the store folder (shortcut for distill.store)")],
 )
 def distill_cmd(args: argparse.Namespace) -> int:
@@ -151,6 +152,23 @@ def report_cmd(args: argparse.Namespace) -> int:
     from libkd.report import write_report
 
     print(f"report: {write_report(args.runs, args.to)}")
+    return 0
+
+
+@command(
+    "study",
+    help="Run a whole study from one config: train its teachers, choose settings on held-out training images, build "
+    "the stores, distil every run with every seed, evaluate, and write the report (summary over seeds, claims checked, "
+    "per-run table and curves). Resumable: rerun the same command after a kill; finished steps are reused.",
+    arguments=[arg("config", help="study config, e.g. configs/cifar10-10pct-study.yaml"),
+               arg("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study key, e.g. --set base.train.epochs=2 (repeatable)")],
+    uses_config=False,
+)
+def study_cmd(args: argparse.Namespace) -> int:
+    from libkd.study import run_study
+
+    print(f"study summary: {run_study(args.config, args.overrides)}")
     return 0
 
 

@@ -45,6 +45,9 @@ class DataConfig(Section):
     # Fraction (0 < f <= 1) or images per class (int >= 1) of the training split.
     subset: Union[int, float, None] = None
     subset_seed: int = 0
+    # Settings search without touching the test set: this fraction or count per class of the
+    # (subset) training images becomes the validation split, and training uses the rest.
+    holdout: Union[int, float, None] = None
     skip_corrupt: bool = False
     # Resize every image to this square size on load (lets folders of mixed sizes be cached).
     load_size: int | None = Field(None, ge=4)
@@ -134,6 +137,9 @@ class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
+    # distill: score the validation split every N epochs and after the last (scoring a large test
+    # split every epoch can cost as much as a small training epoch).
+    eval_every: int = Field(1, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
     min_lr: float = Field(0.0, ge=0)
@@ -166,7 +172,8 @@ class DistillConfig(Section):
 
     # none: the student alone; online: teachers run on every batch; store: targets from a store.
     mode: Literal["none", "online", "store"] = "store"
-    teachers: list[str] = []  # online mode: teacher checkpoints (store mode takes them from the store)
+    # online: the teacher checkpoints; store: which of the store's teachers to learn from (default: all)
+    teachers: list[str] = []
     store: str | None = None  # store mode: the store folder (default: store.path)
     combine: Literal["per-token", "mean"] = "per-token"
     alpha: float = Field(0.5, ge=0, le=1)  # (1 - alpha) * CE + alpha * sum_t w_t KD_t

@@ -84,6 +84,24 @@ def _open_store(cfg: ExperimentConfig, m: dict[str, Any], train, size: int, mean
     return LogitStore(path, expected=expected)
 
 
+def _store_columns(cfg: ExperimentConfig, m: dict[str, Any]) -> list[int]:
+    """Which of the store's teachers to learn from: all, or those ``distill.teachers`` names (by checkpoint path)."""
+    stored = m["teacher_checkpoints"]
+    if not cfg.distill.teachers:
+        return list(range(len(stored)))
+    resolved = [str(Path(p).resolve()) for p in stored]
+    columns = []
+    for wanted in cfg.distill.teachers:
+        where = str(Path(wanted).resolve())
+        if where not in resolved:
+            raise LibkdError(f"teacher '{wanted}' is not in store '{cfg.distill.store or cfg.store.path}', which holds "
+                             f"{', '.join(stored)}; name some of these in distill.teachers, or build a store with it")
+        columns.append(resolved.index(where))
+    if len(set(columns)) != len(columns):
+        raise LibkdError(f"distill.teachers names a teacher twice: {cfg.distill.teachers}")
+    return columns
+
+
 def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train the student as ``cfg.distill`` says; returns the last epoch's metrics."""
     out = Path(cfg.out)
@@ -92,7 +110,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.train.batch_size % world:
         raise LibkdError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide by the {world} processes")
     mode = cfg.distill.mode
-    naive, manifest, store, teachers = False, None, None, []
+    naive, manifest, store, teachers, columns = False, None, None, [], []
     if mode == "store":
         cfg, manifest, naive = _store_settings(cfg)
     seed_everything(cfg.seed)
@@ -101,8 +119,9 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     views = manifest["views"] if manifest else cfg.store.views
     if mode == "store":
         store = _open_store(cfg, manifest, train, size, mean, std)
-        teacher_names = [t["name"] for t in manifest["teachers"]]
-        kinds = manifest.get("teacher_kinds", [])
+        columns = _store_columns(cfg, manifest)
+        teacher_names = [manifest["teachers"][i]["name"] for i in columns]
+        kinds = [manifest.get("teacher_kinds", [])[i] for i in columns] if manifest.get("teacher_kinds") else []
     elif mode == "online":
         teachers = load_teachers(cfg.distill.teachers, train.classes, device)
         teacher_names = [t.meta["arch"]["name"] for t in teachers]
@@ -142,7 +161,8 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
            "combine": cfg.distill.combine if num_teachers else None, "tokens": tokens, "views": views,
            "store": None if store is None else {"path": str(store.root), "identity": {k: manifest.get(k) for k in
                                                                                       ("dataset", "teachers", "augmentation", "replay_probe")}},
-           "teacher_checkpoints": [t.path for t in teachers] if teachers else (manifest or {}).get("teacher_checkpoints", [])}
+           "teacher_checkpoints": [t.path for t in teachers] if teachers else
+           [manifest["teacher_checkpoints"][i] for i in columns] if manifest else []}
     identity = {"run": json.loads(json.dumps(run)), "student": student_kwargs | {"name": cfg.student.name},
                 "train": cfg.train.model_dump(mode="json", exclude={"resume", "workers"}),
                 "distill": cfg.distill.model_dump(mode="json"), "replay": recipe_hash(cfg.replay), "seed": cfg.seed,
@@ -179,7 +199,8 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         images = images.to(device, non_blocking=True)
         y, y_partner, lam = y.to(device), y_partner.to(device), lam.to(device)
         if store is not None:
-            targets = [t.to(device) for t in store.read(indices.numpy(), int(batch_views[0]))]
+            stored = store.read(indices.numpy(), int(batch_views[0]))
+            targets = [stored[i].to(device) for i in columns]
         elif teachers:
             targets = teacher_logits(teachers, images, mean, std, size)
         else:
@@ -200,21 +221,23 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
                                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}", after_step=(lambda: ema.update(model)) if ema else None,
                                 step_log=step_log)
         final = ema.module if ema else model  # what is evaluated and saved as the student
-        scores = score(collect(final, evaluation, device, cfg.train.amp), train.classes, full=False)
-        stats.update(epoch=epoch + 1, view=epoch % views, val_top1=scores["top1"], val_top5=scores["top5"],
-                     val_heads_top1=[h["top1"] for h in scores["heads"]])
+        stats.update(epoch=epoch + 1, view=epoch % views, val_top1=None, val_top5=None, val_heads_top1=None)
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            scores = score(collect(final, evaluation, device, cfg.train.amp), train.classes, full=False)
+            stats.update(val_top1=scores["top1"], val_top5=scores["top5"], val_heads_top1=[h["top1"] for h in scores["heads"]])
         history.append(stats)
         if writer is not None:
             for key in ("train_loss", "val_top1", "val_top5", "lr", "images_per_s"):
-                writer.add_scalar(key, stats[key], epoch + 1)
-            for h, top1 in enumerate(stats["val_heads_top1"]):
+                if stats[key] is not None:
+                    writer.add_scalar(key, stats[key], epoch + 1)
+            for h, top1 in enumerate(stats["val_heads_top1"] or []):
                 writer.add_scalar(f"val_top1_head{h}", top1, epoch + 1)
             for record in step_log:
                 writer.add_scalar("step_loss", record["loss"], epoch * steps + record["step"])
             writer.flush()
-        heads = " ".join(f"{t:.2f}" for t in stats["val_heads_top1"])
-        log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f} "
-              f"(heads {heads})  {stats['images_per_s']:.0f} img/s")
+        scored = "" if stats["val_top1"] is None else (
+            f"  val top-1 {stats['val_top1']:.2f} (heads {' '.join(f'{t:.2f}' for t in stats['val_heads_top1'])})")
+        log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}{scored}  {stats['images_per_s']:.0f} img/s")
         if rank == 0:
             _append_steps(out, epoch, steps, step_log)  # before the state: a kill in between leaves lines a resume drops
             _save_epoch(out, model, final, arch, optimizer, scheduler, scaler, epoch, history, identity, spec, train, cfg, run, stats)

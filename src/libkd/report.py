@@ -98,8 +98,9 @@ def plot(runs: list[dict[str, Any]], out: Path) -> list[str]:
                              ("accuracy_vs_time.png", "training time (min)",
                               lambda h: [sum(e["train_seconds"] for e in h[: i + 1]) / 60 for i in range(len(h))])):
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for r in runs:
-            ax.plot(xs(r["history"]), [e["val_top1"] for e in r["history"]], marker="o", markersize=3, label=r["name"])
+        for r in runs:  # epochs without a score (train.eval_every > 1) are left out
+            points = [(x, e["val_top1"]) for x, e in zip(xs(r["history"]), r["history"]) if e["val_top1"] is not None]
+            ax.plot(*zip(*points), marker="o", markersize=3, label=r["name"])
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation top-1 (%)")
         ax.grid(alpha=0.3)

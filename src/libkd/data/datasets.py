@@ -400,15 +400,15 @@ def make_synthetic(num_classes: int, per_class: int, image_size: int, seed: int)
 # --------------------------------------------------------------------------- entry points
 
 
-def select_subset(labels: np.ndarray, amount: int | float, seed: int) -> np.ndarray:
+def select_subset(labels: np.ndarray, amount: int | float, seed: int, key: str = "data.subset") -> np.ndarray:
     """Indices of a per-class subset: a fraction (0 < f <= 1) or a count per class.
 
     Every class keeps at least one image; the choice depends only on the labels and the seed.
     """
     if isinstance(amount, bool) or amount <= 0:
-        raise DataError(f"data.subset={amount!r}: use a fraction in (0, 1] or a whole number of images per class")
+        raise DataError(f"{key}={amount!r}: use a fraction in (0, 1] or a whole number of images per class")
     if isinstance(amount, float) and amount > 1:
-        raise DataError(f"data.subset={amount}: a fraction must be at most 1 (use an integer for images per class)")
+        raise DataError(f"{key}={amount}: a fraction must be at most 1 (use an integer for images per class)")
     rng = np.random.default_rng(seed)
     picked = []
     for c in np.unique(labels):
@@ -419,9 +419,24 @@ def select_subset(labels: np.ndarray, amount: int | float, seed: int) -> np.ndar
 
 
 def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> ImageDataset:
-    """The data set named by ``config`` for ``split`` ('train' or 'val'); subsets apply to train."""
+    """The data set named by ``config`` for ``split`` ('train' or 'val'); subsets apply to train.
+
+    With ``data.holdout`` both splits come from the (subset) training images: 'val' is the held-out
+    part, 'train' the rest, so settings can be chosen without looking at the test split.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if config.holdout is not None:
+        pool = build_dataset(config.model_copy(update={"holdout": None}), "train", seed)
+        held = select_subset(pool.labels, config.holdout, config.subset_seed + 1, key="data.holdout")
+        if split == "val":
+            return pool.subset(held)
+        rest = np.setdiff1d(np.arange(len(pool)), held)
+        missing = sorted(set(range(pool.num_classes)) - set(np.unique(pool.labels[rest]).tolist()))
+        if missing:
+            raise DataError(f"data.holdout={config.holdout} leaves no training image of class(es) "
+                            f"{[pool.classes[c] for c in missing][:5]}; hold out fewer images per class")
+        return pool.subset(rest)
     train = split == "train"
     source = config.source
     if source == "imagefolder":

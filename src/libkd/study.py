@@ -1,0 +1,405 @@
+"""``libkd study CONFIG``: the whole comparison in one resumable command.
+
+A study trains its teachers, chooses settings on a held-out part of the training images (never
+the test split), builds the augmentation-consistent stores (one per seed) and the naive
+single-view store, distils every run with every seed it asks for, evaluates each student with
+its teachers, and writes a report: the per-run table and curves of ``libkd report`` plus a
+summary over seeds and a check of the method's claims. Every step is a ``libkd`` job that resumes
+or is skipped when complete, so a killed study is resumed by running the same command; with
+``results:`` set, the small files of each finished run are copied there as it finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import Field, model_validator
+
+from libkd import LibkdError
+from libkd.config import (AugmentConfig, ExperimentConfig, ModelConfig, Section, StoreConfig, TrainConfig, apply_override,
+                          load_config)
+
+RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
+
+
+class TeacherSpec(Section):
+    """One teacher of the study: trained by ``libkd train-teacher`` on the study's training images."""
+
+    teacher: ModelConfig
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class RunSpec(Section):
+    """One kind of student run; it is repeated with the first ``seeds`` of the study's seeds."""
+
+    name: str
+    mode: Literal["none", "online", "store"]
+    teachers: list[str] = []  # names from the study's teachers, in token order
+    combine: Literal["per-token", "mean"] = "per-token"
+    naive_store: bool = False  # learn from the single clean-view store (the study's negative control)
+    seeds: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunSpec":
+        if (self.mode == "none") != (not self.teachers):
+            raise ValueError(f"run '{self.name}': mode none takes no teachers, the other modes need some")
+        if self.naive_store and self.mode != "store":
+            raise ValueError(f"run '{self.name}': naive_store needs mode store")
+        return self
+
+
+class TuneStage(Section):
+    """A grid search over one run's settings; the winner's settings hold for the later stages and every run."""
+
+    run: str  # the name of a run in ``runs``
+    # Axes of the grid: each a list of choices, a choice being overrides such as {train.lr: 1.0e-3}.
+    grid: list[list[dict[str, Any]]]
+
+
+class TuneConfig(Section):
+    """Settings search on a held-out part of the training images (data.holdout), trial runs of ``epochs``."""
+
+    holdout: Union[int, float] = 0.2
+    epochs: int | None = Field(None, ge=1)  # None: the study's own epochs
+    stages: list[TuneStage] = []
+
+
+class StudyConfig(Section):
+    """A study: the base experiment, its teachers, its store, its runs and seeds, and its settings search."""
+
+    out: str = "runs/study"
+    results: str | None = None  # folder for the small results of every finished run (e.g. under docs/)
+    base: ExperimentConfig = ExperimentConfig()  # data, student, train, replay and distill defaults of every run
+    teachers: dict[str, TeacherSpec] = {}
+    store: StoreConfig = StoreConfig()  # views, encoding, batch size, workers (path and teachers are the study's)
+    seeds: list[int] = [0, 1, 2]
+    runs: list[RunSpec] = []
+    tune: TuneConfig | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> "StudyConfig":
+        names = [r.name for r in self.runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"run names must be unique: {names}")
+        for r in self.runs:
+            unknown = [t for t in r.teachers if t not in self.teachers]
+            if unknown:
+                raise ValueError(f"run '{r.name}' names unknown teacher(s) {unknown}; the study's teachers are {list(self.teachers)}")
+            if r.seeds > len(self.seeds):
+                raise ValueError(f"run '{r.name}' asks for {r.seeds} seeds; the study lists {len(self.seeds)} in seeds")
+        for stage in self.tune.stages if self.tune else []:
+            if stage.run not in names:
+                raise ValueError(f"tune stage names run '{stage.run}', which is not in runs ({names})")
+        return self
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    return load_config(path, overrides, StudyConfig)
+
+
+def _with(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """``cfg`` with dotted-key overrides such as {'train.lr': 1e-3}, validated like --set."""
+    values = cfg.model_dump(mode="json", exclude_unset=True)
+    for key, value in overrides.items():
+        apply_override(values, [p for p in key.split(".") if p], value)
+    from libkd.config import _check_keys
+
+    _check_keys(ExperimentConfig, values)
+    return ExperimentConfig.model_validate(values)
+
+
+def _short_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _log(message: str) -> None:
+    print(f"[study] {message}", flush=True)
+
+
+class Study:
+    """The steps of one study, each skipped when its output is complete."""
+
+    def __init__(self, cfg: StudyConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.base = cfg.base
+        self.spec = {r.name: r for r in cfg.runs}
+
+    # ------------------------------------------------------------------ teachers and stores
+
+    def teacher_path(self, name: str) -> str:
+        return str(self.out / "teachers" / name / "teacher")
+
+    def train_teachers(self) -> None:
+        from libkd.train_teacher import train_teacher
+
+        for name, spec in self.cfg.teachers.items():
+            teacher_cfg = self.base.model_copy(update={"teacher": spec.teacher, "augment": spec.augment, "train": spec.train,
+                                                       "seed": self.cfg.seeds[0], "out": str(self.out / "teachers" / name)})
+            _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
+            train_teacher(teacher_cfg)
+
+    def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores") -> str:
+        """Where the store for these data, recipe and seed lives (built on first use)."""
+        from libkd.store.precompute import precompute
+
+        key = {"data": base.data.model_dump(mode="json"), "replay": None if naive else base.replay.model_dump(mode="json"),
+               "store": self.cfg.store.model_dump(mode="json", exclude={"path", "teachers"})}
+        if naive:  # one clean view: no seed enters it, so every run shares one store
+            seed = self.cfg.seeds[0]
+        path = self.out / where / (f"naive-{_short_hash(key)}" if naive else f"seed{seed}-{_short_hash(key)}")
+        replay = base.replay.model_copy(update={"enabled": False}) if naive else base.replay
+        store = self.cfg.store.model_copy(update={"path": str(path), "views": 1 if naive else self.cfg.store.views,
+                                                  "teachers": [self.teacher_path(t) for t in self.cfg.teachers]})
+        _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'} -> {path}")
+        precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
+        return str(path)
+
+    # ------------------------------------------------------------------ runs
+
+    def run_config(self, spec: RunSpec, seed: int, base: ExperimentConfig, out: Path, stores: str = "stores") -> ExperimentConfig:
+        teachers = [self.teacher_path(t) for t in spec.teachers]
+        distill = base.distill.model_copy(update={"mode": spec.mode, "teachers": teachers, "combine": spec.combine,
+                                                  "naive_store": spec.naive_store, "store": None})
+        if spec.mode == "store":
+            distill.store = self.store_path(base, seed, spec.naive_store, stores)
+        return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill})
+
+    def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]:
+        """Train (or reuse) one student; with ``evaluate``, score it with its teachers into student.eval.json."""
+        from libkd.distill import distill
+        from libkd.engine import resolve_device
+        from libkd.evaluate import evaluate_checkpoint
+        from libkd.fileio import write_json_atomic
+
+        out = Path(cfg.out)
+        distill(cfg)  # a finished run is only checked against this config (a changed setting is refused) and reused
+        target = out / "student.eval.json"
+        if evaluate and not target.is_file():
+            teachers = cfg.distill.teachers or None
+            result = evaluate_checkpoint(str(out / "student"), None, teachers, resolve_device(cfg.device), cfg.train.eval_batch_size)
+            write_json_atomic(target, result)
+        return _last_metrics(out)
+
+    def tune(self) -> dict[str, Any]:
+        """Run every stage's grid on the held-out split; returns the chosen overrides (also in tune/tuning.json)."""
+        tune = self.cfg.tune
+        chosen: dict[str, Any] = {}
+        record: list[dict[str, Any]] = []
+        if tune is None or not tune.stages:
+            return chosen
+        for s, stage in enumerate(tune.stages):
+            spec = self.spec[stage.run]
+            trials = []
+            for choice in itertools.product(*stage.grid):
+                overrides = {k: v for part in choice for k, v in part.items()}
+                trial_base = _with(self.base, {**chosen, **overrides, "data.holdout": tune.holdout,
+                                               **({"train.epochs": tune.epochs} if tune.epochs else {})})
+                name = f"stage{s}-{stage.run}-{_short_hash(overrides)}"
+                _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
+                cfg = self.run_config(spec, self.cfg.seeds[0], trial_base, self.out / "tune" / name, stores="tune/stores")
+                metrics = self.distill_and_evaluate(cfg, evaluate=False)
+                trials.append({"trial": name, "overrides": overrides, "holdout_top1": metrics["val_top1"]})
+            best = max(trials, key=lambda t: t["holdout_top1"])  # the first of equals: grid order breaks ties
+            chosen.update(best["overrides"])
+            record.append({"stage": s, "run": stage.run, "trials": trials, "chosen": best["trial"]})
+            _log(f"tuning stage {s}: chose {best['overrides']} (held-out top-1 {best['holdout_top1']:.2f})")
+        from libkd.fileio import write_json_atomic
+
+        write_json_atomic(self.out / "tune" / "tuning.json", {"holdout": tune.holdout, "epochs": tune.epochs,
+                                                              "stages": record, "chosen": chosen})
+        return chosen
+
+    def planned_runs(self) -> list[tuple[RunSpec, int, str]]:
+        """(spec, seed, folder name), the first seed of every run before the extra seeds of any."""
+        plan = []
+        for i, seed in enumerate(self.cfg.seeds):
+            plan += [(spec, seed, f"{spec.name}-s{seed}") for spec in self.cfg.runs if i < spec.seeds]
+        return plan
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.train_teachers()
+        chosen = self.tune()
+        base = _with(self.base, chosen)
+        plan = self.planned_runs()
+        for n, (spec, seed, name) in enumerate(plan, 1):
+            out = self.out / "runs" / name
+            state = "done, reusing it" if (out / "student.eval.json").is_file() else "running"
+            _log(f"run {n}/{len(plan)}: {name} ({spec.mode}, teachers {spec.teachers or '-'}, {spec.combine}"
+                 f"{', naive store' if spec.naive_store else ''}): {state}")
+            self.distill_and_evaluate(self.run_config(spec, seed, base, out), evaluate=True)
+            self.write_results()
+        report = self.write_results()
+        _log(f"report: {report}")
+        return report
+
+    # ------------------------------------------------------------------ report
+
+    def finished_runs(self) -> list[tuple[RunSpec, int, Path]]:
+        return [(spec, seed, self.out / "runs" / name) for spec, seed, name in self.planned_runs()
+                if (self.out / "runs" / name / "student.eval.json").is_file()]
+
+    def write_results(self) -> Path:
+        """report/ (libkd report over every finished run) and report/study.md; copied to ``results`` when set."""
+        from libkd.report import write_report
+
+        report_dir = self.out / "report"
+        finished = self.finished_runs()
+        if finished:
+            write_report([str(p) for _, _, p in finished], report_dir)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        study_md = report_dir / "study.md"
+        study_md.write_text(summary_markdown(self, finished))
+        if self.cfg.results:
+            results = Path(self.cfg.results)
+            for _, _, folder in finished:
+                target = results / "runs" / folder.name
+                target.mkdir(parents=True, exist_ok=True)
+                for name in RESULT_FILES:
+                    if (folder / name).is_file():
+                        shutil.copy2(folder / name, target / name)
+            for item in report_dir.iterdir():
+                shutil.copy2(item, results / item.name)
+            tuning = self.out / "tune" / "tuning.json"
+            if tuning.is_file():
+                shutil.copy2(tuning, results / "tuning.json")
+        return study_md
+
+
+def _grid_size(grid: list[list[dict[str, Any]]]) -> int:
+    size = 1
+    for axis in grid:
+        size *= len(axis)
+    return size
+
+
+def _last_metrics(out: Path) -> dict[str, Any]:
+    lines = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) -> str:
+    """Mean and spread over seeds per run, the tuning record, and each claim checked against the figures."""
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for spec, seed, folder in finished:
+        ev = json.loads((folder / "student.eval.json").read_text())
+        history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        by_run.setdefault(spec.name, []).append({
+            "seed": seed, "top1": ev["top1"], "ece": ev["ece"], "eval": ev,
+            "train_s": sum(h["train_seconds"] for h in history), "img_s": statistics.mean(h["images_per_s"] for h in history)})
+    cfg = study.cfg
+    lines = ["# Study summary", "",
+             f"Training data: {cfg.base.data.source} {cfg.base.data.root or ''} (subset {cfg.base.data.subset}); "
+             f"student {cfg.base.student.name}, {cfg.base.train.epochs} epochs; top-1 on the test split "
+             f"({cfg.base.data.val_split}), in percent; mean ± standard deviation over seeds.", "",
+             "| run | mode | teachers | combine | seeds | top-1 | per seed | ECE | train img/s | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for spec in cfg.runs:
+        rows = by_run.get(spec.name)
+        if not rows:
+            lines.append(f"| {spec.name} | {spec.mode} | {', '.join(spec.teachers) or '—'} | — | 0/{spec.seeds} | not run yet | | | | |")
+            continue
+        mode = spec.mode + (" (naive store)" if spec.naive_store else "")
+        lines.append(
+            f"| {spec.name} | {mode} | {', '.join(spec.teachers) or '—'} | {spec.combine if spec.teachers else '—'} | "
+            f"{len(rows)}/{spec.seeds} | **{_mean_spread([r['top1'] for r in rows])}** | "
+            f"{', '.join(format(r['top1'], '.2f') for r in rows)} | {statistics.mean(r['ece'] for r in rows):.3f} | "
+            f"{statistics.mean(r['img_s'] for r in rows):.0f} | {statistics.mean(r['train_s'] for r in rows) / 60:.1f} min |")
+    lines += ["", "## Claims", "", *claims(study, by_run)]
+    tuning = study.out / "tune" / "tuning.json"
+    if tuning.is_file():
+        lines += ["", "## Settings search (held-out part of the training images, never the test split)", "",
+                  *tuning_table(json.loads(tuning.read_text()))]
+    return "\n".join(lines) + "\n"
+
+
+def tuning_table(record: dict[str, Any]) -> list[str]:
+    lines = [f"Held out per class: {record['holdout']}; trial runs of {record['epochs'] or 'the study’s'} epochs. "
+             "Each stage's winner holds for the later stages and for every run.", "",
+             "| stage | run | settings | held-out top-1 | chosen |", "|---|---|---|---|---|"]
+    for stage in record["stages"]:
+        for t in stage["trials"]:
+            settings = ", ".join(f"{k}={v}" for k, v in t["overrides"].items())
+            lines.append(f"| {stage['stage']} | {stage['run']} | {settings} | {t['holdout_top1']:.2f} | "
+                         f"{'yes' if t['trial'] == stage['chosen'] else ''} |")
+    return lines
+
+
+def _roles(cfg: StudyConfig) -> dict[str, Any]:
+    """Which runs play which part in the claims, read off their specs."""
+    everyone = set(cfg.teachers)
+    roles: dict[str, Any] = {"singles": []}
+    for r in cfg.runs:
+        if r.mode == "none":
+            roles["baseline"] = r.name
+        elif set(r.teachers) == everyone and r.combine == "per-token" and len(everyone) > 1:
+            key = "naive" if r.naive_store else r.mode
+            roles.setdefault({"store": "method", "online": "online", "naive": "naive"}[key], r.name)
+        elif r.mode == "store" and len(r.teachers) == 1 and not r.naive_store:
+            roles["singles"].append(r.name)
+        elif r.mode == "store" and r.combine == "mean" and not r.naive_store:
+            roles["mean"] = r.name
+    return roles
+
+
+def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The three claims under test, each stated as holding or not with the figures that decide it."""
+    roles = _roles(study.cfg)
+    mean = {name: statistics.mean(r["top1"] for r in rows) for name, rows in by_run.items()}
+    lines = []
+    method = roles.get("method")
+    others = [n for n in [roles.get("baseline"), *roles["singles"]] if n]
+    if method in mean and all(n in mean for n in others):
+        worse = [n for n in others if mean[n] >= mean[method]]
+        verdict = "holds" if not worse else f"does not hold ({', '.join(worse)} reach(es) at least as much)"
+        lines.append(f"- (a) both teachers, one token each, beat every single-teacher student and the student without "
+                     f"teachers: **{verdict}**: {method} {mean[method]:.2f} vs "
+                     + ", ".join(f"{n} {mean[n]:.2f}" for n in others) + " (means over seeds).")
+    else:
+        lines.append("- (a) method vs single teachers vs no teacher: not all of these runs have finished yet.")
+    online = roles.get("online")
+    if method in by_run and online in by_run:
+        seeds = {r["seed"]: r for r in by_run[method]}
+        pairs = [(seeds[r["seed"]], r) for r in by_run[online] if r["seed"] in seeds]
+        if pairs:
+            gap = statistics.mean(o["top1"] - s["top1"] for s, o in pairs)
+            cost = statistics.mean(s["train_s"] / o["train_s"] for s, o in pairs)
+            verdict = "holds" if abs(gap) <= 0.5 else "does not hold"
+            lines.append(f"- (b) the store reaches the online accuracy within 0.5 points: **{verdict}**: online minus store "
+                         f"{gap:+.2f} points on the same seed(s); the store run's training time is {cost:.2f}x the online run's.")
+    if "(b)" not in " ".join(lines):
+        lines.append("- (b) store vs online: not both run yet.")
+    naive = roles.get("naive")
+    if method in by_run and naive in by_run:
+        seeds = {r["seed"]: r for r in by_run[method]}
+        pairs = [(seeds[r["seed"]], r) for r in by_run[naive] if r["seed"] in seeds]
+        if pairs:
+            gap = statistics.mean(s["top1"] - n["top1"] for s, n in pairs)
+            verdict = "holds" if gap > 0 else "does not hold"
+            lines.append(f"- (c) the naive single-view store is worse than the augmentation-consistent store: **{verdict}**: "
+                         f"consistent minus naive {gap:+.2f} points on the same seed(s).")
+    if "(c)" not in " ".join(lines):
+        lines.append("- (c) naive vs consistent store: not both run yet.")
+    if len(next(iter(by_run.values()), [])) and any(len(rows) == 1 for rows in by_run.values()):
+        lines.append("")
+        lines.append("Runs with one seed have no spread: a difference smaller than the spread of the three-seed runs "
+                     "is within seed noise.")
+    return lines
+
+
+def run_study(path: str | Path, overrides: list[str] | None = None) -> Path:
+    """Run (or resume) the study in config ``path``; returns the summary's path."""
+    return Study(load_study(path, overrides)).run()

@@ -1,0 +1,174 @@
+"""libkd study: the whole comparison at toy size, its resumption, its settings search and its refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from libkd import LibkdError
+from libkd.cli import main
+from libkd.config import ConfigError, load_config
+from libkd.data import build_dataset
+from libkd.distill import distill
+from libkd.study import Study, load_study
+
+TINY_TEACHER_TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0, "tensorboard": False}
+
+
+def study_yaml(tmp_path: Path, **changes) -> Path:
+    values = {
+        "out": str(tmp_path / "study"),
+        "results": str(tmp_path / "results"),
+        "base": {
+            # digits, not synthetic data: synthetic images follow the seed, and a study's seeds share one data set
+            "data": {"source": "digits", "subset": 4, "image_size": 16},
+            "student": {"kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 4}},
+            "train": {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+                      "warmup_epochs": 0, "tensorboard": False, "eval_every": 2},
+        },
+        "teachers": {
+            "conv": {"teacher": {"name": "resnet18", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}},
+                     "train": TINY_TEACHER_TRAIN},
+            "inv": {"teacher": {"name": "rednet26_cifar", "kwargs": {"base_width": 8, "stem_width": 8}},
+                    "train": TINY_TEACHER_TRAIN},
+        },
+        "store": {"views": 2, "shard_size": 32},
+        "seeds": [0, 1],
+        "runs": [
+            {"name": "none", "mode": "none", "seeds": 2},
+            {"name": "conv", "mode": "store", "teachers": ["conv"]},
+            {"name": "both", "mode": "store", "teachers": ["conv", "inv"], "seeds": 2},
+            {"name": "both-mean", "mode": "store", "teachers": ["conv", "inv"], "combine": "mean"},
+            {"name": "both-online", "mode": "online", "teachers": ["conv", "inv"]},
+            {"name": "both-naive", "mode": "store", "teachers": ["conv", "inv"], "naive_store": True},
+        ],
+    }
+    values.update(changes)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("study")
+    config = study_yaml(tmp_path)
+    assert main(["study", str(config)]) == 0
+    return tmp_path, config
+
+
+def test_study_runs_every_run_and_seed_and_writes_its_report(finished_study):
+    tmp_path, _ = finished_study
+    runs = tmp_path / "study" / "runs"
+    expected = {"none-s0", "conv-s0", "both-s0", "both-mean-s0", "both-online-s0", "both-naive-s0", "none-s1", "both-s1"}
+    assert {p.name for p in runs.iterdir()} == expected
+    for name in expected:
+        metrics = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["epoch"] for m in metrics] == [1, 2]
+        assert metrics[0]["val_top1"] is None and metrics[1]["val_top1"] is not None  # eval_every=2
+        assert (runs / name / "student.eval.json").is_file()
+    single = json.loads((runs / "conv-s0" / "run.json").read_text())
+    assert single["teachers"] == ["resnet18"] and single["tokens"] == 1 and single["mode"] == "store"
+    assert json.loads((runs / "both-naive-s0" / "run.json").read_text())["naive_store"] is True
+    # Seed 1 of the method learns from its own store (the seed decides the stream and the initial student).
+    stores = {Path(json.loads((runs / n / "run.json").read_text())["store"]["path"]).name for n in ("both-s0", "both-s1")}
+    assert len(stores) == 2
+    summary = (tmp_path / "results" / "study.md").read_text()
+    assert "| both | store | conv, inv | per-token | 2/2 |" in summary and "## Claims" in summary
+    for claim in ("(a) both teachers", "(b) the store reaches", "(c) the naive"):
+        assert re.search(re.escape(claim) + r"[^\n]*\*\*(holds|does not hold)", summary), claim
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "both-online-s0" in report and "both-naive-s0" in report
+    for png in ("accuracy_per_epoch.png", "accuracy_vs_time.png"):
+        assert (tmp_path / "results" / png).read_bytes()[:4] == b"\x89PNG"
+    for name in expected:
+        assert {p.name for p in (tmp_path / "results" / "runs" / name).iterdir()} >= {"metrics.jsonl", "student.eval.json"}
+
+
+def test_a_second_study_run_reuses_every_finished_step(finished_study, capsys):
+    tmp_path, config = finished_study
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "runs").rglob("student.safetensors")}
+    assert main(["study", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done, reusing it") == 8 and "already complete" in out
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "runs").rglob("student.safetensors")}
+    assert after == before  # nothing was trained again
+
+
+def test_a_killed_study_resumes_the_missing_runs_only(finished_study, capsys):
+    tmp_path, config = finished_study
+    import shutil
+
+    shutil.rmtree(tmp_path / "study" / "runs" / "both-s1")  # as if killed before its last run
+    assert main(["study", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done, reusing it") == 7 and "run 8/8: both-s1 (store, teachers ['conv', 'inv'], per-token): running" in out
+    assert (tmp_path / "study" / "runs" / "both-s1" / "student.eval.json").is_file()
+
+
+def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tmp_path):
+    tune = {"holdout": 3, "epochs": 1,  # of the 4 images per class
+            "stages": [{"run": "none", "grid": [[{"train.lr": 1e-4}, {"train.lr": 3e-3}]]},
+                       {"run": "both", "grid": [[{"distill.alpha": 0.5}, {"distill.alpha": 0.9}]]}]}
+    config = study_yaml(tmp_path, runs=[{"name": "none", "mode": "none"}, {"name": "both", "mode": "store",
+                                                                         "teachers": ["conv", "inv"]}], seeds=[0], tune=tune)
+    assert main(["study", str(config)]) == 0
+    record = json.loads((tmp_path / "results" / "tuning.json").read_text())
+    assert [len(s["trials"]) for s in record["stages"]] == [2, 2]
+    chosen_lr = max(record["stages"][0]["trials"], key=lambda t: t["holdout_top1"])["overrides"]["train.lr"]
+    assert record["chosen"]["train.lr"] == chosen_lr
+    # Trials train on the training images minus the held-out ones and score on those, never the test split.
+    trial = load_config(tmp_path / "study" / "tune" / record["stages"][0]["trials"][0]["trial"] / "config.yaml")
+    assert trial.data.holdout == 3 and trial.train.epochs == 1
+    assert len(build_dataset(trial.data, "val")) == 30 and len(build_dataset(trial.data, "train")) == 10
+    final = load_config(tmp_path / "study" / "runs" / "both-s0" / "config.yaml")
+    assert final.data.holdout is None and final.train.lr == chosen_lr and final.train.epochs == 2
+    assert final.distill.alpha == record["chosen"]["distill.alpha"]
+    assert "Settings search" in (tmp_path / "results" / "study.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"runs": [{"name": "x", "mode": "store", "teachers": ["nope"]}]}, "unknown teacher"),
+    ({"runs": [{"name": "x", "mode": "none", "teachers": ["conv"]}]}, "mode none takes no teachers"),
+    ({"runs": [{"name": "x", "mode": "none", "seeds": 3}]}, "asks for 3 seeds"),
+    ({"runs": [{"name": "x", "mode": "none"}, {"name": "x", "mode": "none"}]}, "unique"),
+    ({"tune": {"stages": [{"run": "missing", "grid": [[{"train.lr": 1e-3}]]}]}}, "not in runs"),
+    ({"bogus": 1}, "unknown config key 'bogus'"),
+])
+def test_bad_study_configs_are_refused_by_name(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(study_yaml(tmp_path, **change))
+
+
+def test_a_tuning_override_with_a_bad_key_is_named(tmp_path):
+    tune = {"holdout": 3, "stages": [{"run": "none", "grid": [[{"train.lrate": 1e-3}]]}]}
+    config = study_yaml(tmp_path, runs=[{"name": "none", "mode": "none"}], seeds=[0], tune=tune,
+                        teachers={})
+    assert main(["study", str(config)]) == 2
+
+
+def test_holdout_splits_the_training_images_and_never_the_test_split():
+    cfg = load_config(None, ["data.source=synthetic", "data.synthetic.per_class=10", "data.holdout=0.2"])
+    train, val = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    assert len(train) == 32 and len(val) == 8 and val.class_counts() == [2, 2, 2, 2]
+    assert not set(train.keys) & set(val.keys)
+    whole = build_dataset(load_config(None, ["data.source=synthetic", "data.synthetic.per_class=10"]).data, "train")
+    assert set(train.keys) | set(val.keys) == set(whole.keys)
+    assert train.fingerprint != whole.fingerprint
+    with pytest.raises(LibkdError, match="data.holdout=10 leaves no training image"):
+        build_dataset(load_config(None, ["data.source=synthetic", "data.synthetic.per_class=10", "data.holdout=10"]).data)
+
+
+def test_store_mode_learns_from_a_chosen_teacher_and_refuses_one_not_in_the_store(finished_study, tmp_path):
+    source, _ = finished_study
+    study = Study(load_study(source / "study.yaml"))
+    cfg = load_config(source / "study" / "runs" / "conv-s0" / "config.yaml")
+    assert cfg.distill.teachers == [study.teacher_path("conv")]
+    bad = cfg.model_copy(update={"out": str(tmp_path / "x"),
+                                 "distill": cfg.distill.model_copy(update={"teachers": [str(tmp_path / "elsewhere")]})})
+    with pytest.raises(LibkdError, match="is not in store"):
+        distill(bad)
