@@ -173,3 +173,30 @@ def test_replay_sampler_yields_each_sample_once_per_epoch_at_that_epochs_view():
     shares = [list(r) for r in ranks]
     assert all(len(s) == 4 for s in shares)  # padded: 12 pairs over 3 ranks
     assert {i for s in shares for i, _ in s} == set(range(10))
+
+
+def test_two_process_torchrun_teacher_matches_one_process_and_writes_once(tmp_path):
+    """Replay recipe: the global batch holds the same samples in 1 or 2 processes, so with a norm that keeps
+    no batch statistics (GroupNorm) the weights agree up to the all-reduce's rounding. The plain recipe
+    (BatchNorm, a shuffled order sharded across ranks) trains too."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+
+    def args(out: Path, *extra: str) -> list[str]:
+        items = SMOKE + ["train.epochs=2", "train.tensorboard=false", "augment.replay=true", "replay.mixup_alpha=0",
+                         "replay.cutmix_alpha=0", "replay.auto_augment=null", *extra]
+        return ["train-teacher", "--out", str(out)] + [x for item in items for x in ("--set", item)]
+
+    group_norm = "teacher.kwargs={channels: [8, 16, 32, 64], stem_width: 8, norm_layer: groupnorm1}"
+    one = subprocess.run([sys.executable, "-m", "libkd", *args(tmp_path / "one", group_norm)], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name, extra in (("two", (group_norm,)), ("two-plain", ("augment.replay=false",))):
+        run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "libkd", *args(tmp_path / name, *extra)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count("epoch 2/2") == 1  # rank 0 alone logs and writes
+        assert [json.loads(x)["epoch"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    w1, w2 = load_file(str(tmp_path / "one" / "teacher.safetensors")), load_file(str(tmp_path / "two" / "teacher.safetensors"))
+    import torch
+
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], atol=1e-4, rtol=1e-3)

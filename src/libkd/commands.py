@@ -168,7 +168,7 @@ def report_cmd(args: argparse.Namespace) -> int:
 def study_cmd(args: argparse.Namespace) -> int:
     from libkd.study import run_study
 
-    print(f"study summary: {run_study(args.config, args.overrides)}")
+    print(f"report: {run_study(args.config, args.overrides)}")
     return 0
 
 

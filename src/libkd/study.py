@@ -130,6 +130,7 @@ class Study:
         self.cfg, self.out = cfg, Path(cfg.out)
         self.base = cfg.base
         self.spec = {r.name: r for r in cfg.runs}
+        self.verified: set[str] = set()
 
     # ------------------------------------------------------------------ teachers and stores
 
@@ -147,7 +148,7 @@ class Study:
 
     def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores") -> str:
         """Where the store for these data, recipe and seed lives (built on first use)."""
-        from libkd.store.precompute import precompute
+        from libkd.store.precompute import precompute, verify_store
 
         key = {"data": base.data.model_dump(mode="json"), "replay": None if naive else base.replay.model_dump(mode="json"),
                "store": self.cfg.store.model_dump(mode="json", exclude={"path", "teachers"})}
@@ -159,6 +160,10 @@ class Study:
                                                   "teachers": [self.teacher_path(t) for t in self.cfg.teachers]})
         _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'} -> {path}")
         precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
+        if str(path) not in self.verified:  # checksums, and a sample of records recomputed by the teachers
+            result = verify_store(path, self.cfg.store.verify_samples, self.base.device, seed)
+            _log(f"store {path.name} verified: {result['checked_records']} records recomputed, max |diff| {result['max_abs_diff']:.3g}")
+            self.verified.add(str(path))
         return str(path)
 
     # ------------------------------------------------------------------ runs
@@ -236,9 +241,9 @@ class Study:
                  f"{', naive store' if spec.naive_store else ''}): {state}")
             self.distill_and_evaluate(self.run_config(spec, seed, base, out), evaluate=True)
             self.write_results()
-        report = self.write_results()
-        _log(f"report: {report}")
-        return report
+        summary = self.write_results()
+        _log(f"summary over seeds and the claims: {summary}")
+        return summary.with_name("report.md")
 
     # ------------------------------------------------------------------ report
 
@@ -401,5 +406,5 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def run_study(path: str | Path, overrides: list[str] | None = None) -> Path:
-    """Run (or resume) the study in config ``path``; returns the summary's path."""
+    """Run (or resume) the study in config ``path``; returns the report's path."""
     return Study(load_study(path, overrides)).run()

@@ -20,9 +20,10 @@ from libkd import LibkdError
 from libkd.config import ExperimentConfig, save_config
 from libkd.data import ImageDataset, build_dataset
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
+from libkd.distributed import barrier, setup
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
-from libkd.engine import (build_optimizer, build_scheduler, evaluate, make_scaler, resolve_device, resume,
+from libkd.engine import (build_optimizer, build_scheduler, evaluate, make_scaler, resume,
                           save_resume_state, train_one_epoch, write_history)
 from libkd.models import count_parameters, create_model, save_checkpoint
 
@@ -76,14 +77,22 @@ class SoftTargets(torch.utils.data.Dataset):
         return image, target
 
 
-def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec: dict[str, Any]):
+def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec: dict[str, Any], rank: int = 0, world: int = 1):
     size, crop_pct, mean, std = spec["input_size"], spec["crop_pct"], spec["mean"], spec["std"]
     generator = torch.Generator()
+    batch = cfg.train.batch_size // world  # train.batch_size is the global batch
     if cfg.augment.replay:
         replay = ReplayDataset(ReplayAugment(train, cfg.replay, cfg.seed, size, mean, std, crop_pct))
+        sampler = ReplaySampler(len(train), cfg.seed, rank=rank, world=world)
         train_loader = torch.utils.data.DataLoader(
-            SoftTargets(replay, train.num_classes), sampler=ReplaySampler(len(train), cfg.seed),
-            batch_size=cfg.train.batch_size, drop_last=len(train) > cfg.train.batch_size, num_workers=cfg.train.workers)
+            SoftTargets(replay, train.num_classes), sampler=sampler,
+            batch_size=batch, drop_last=len(sampler) > batch, num_workers=cfg.train.workers)
+    elif world > 1:
+        sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                                      drop_last=True)
+        train_loader = torch.utils.data.DataLoader(
+            TransformedDataset(train, train_transform(cfg.augment, size, mean, std)), sampler=sampler,
+            batch_size=batch, drop_last=len(sampler) > batch, num_workers=cfg.train.workers)
     else:
         train_loader = torch.utils.data.DataLoader(
             TransformedDataset(train, train_transform(cfg.augment, size, mean, std)),
@@ -105,9 +114,13 @@ def _run_identity(cfg: ExperimentConfig, train: ImageDataset, spec: dict[str, An
 
 
 def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Train ``cfg.teacher`` on ``cfg.data``; one process, or data-parallel under torchrun (rank 0 writes)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    rank, world, device = setup(cfg.device)
+    if cfg.train.batch_size % world:
+        raise LibkdError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide by the {world} processes")
+    log = print if rank == 0 else (lambda *a, **k: None)  # one log per run, not per process
     seed_everything(cfg.seed)
     train, val = load_splits(cfg)
     spec = input_spec(cfg, train)
@@ -115,7 +128,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
                          pretrained=cfg.teacher.pretrained, **cfg.teacher.kwargs).to(device)
     arch = {"name": cfg.teacher.name, "num_classes": train.num_classes, "cifar_stem": cfg.teacher.cifar_stem,
             "kwargs": cfg.teacher.kwargs}
-    train_loader, val_loader, generator = _loaders(cfg, train, val, spec)
+    train_loader, val_loader, generator = _loaders(cfg, train, val, spec, rank, world)
     steps = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
@@ -126,11 +139,15 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
     state_path = out / STATE_FILE
     start_epoch, history = resume(state_path, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler)
     if start_epoch >= cfg.train.epochs:
-        print(f"'{out}' is already complete ({start_epoch} epochs): reusing it")
+        log(f"'{out}' is already complete ({start_epoch} epochs): reusing it")
     elif start_epoch:
-        print(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
-    save_config(cfg, out)
-    print(f"teacher {cfg.teacher.name}: {count_parameters(model) / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val "
+        log(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
+    trained = model
+    if world > 1:
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        save_config(cfg, out)
+    log(f"teacher {cfg.teacher.name}: {count_parameters(model) / 1e6:.2f}M parameters, {len(train)} train / {len(val)} val "
           f"images, {train.num_classes} classes, input {spec['input_size']} px, {device}")
 
     def step(m: nn.Module, batch) -> tuple[torch.Tensor, int, None]:
@@ -138,7 +155,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
         return criterion(m(images), targets), len(images), None
 
     writer = None
-    if cfg.train.tensorboard:
+    if cfg.train.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
@@ -146,18 +163,21 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
         # Seeding per epoch makes a resumed run draw the same batches and augmentations.
         seed_everything(cfg.seed * 1000 + epoch)
         generator.manual_seed(cfg.seed * 1000 + epoch)
-        if isinstance(train_loader.sampler, ReplaySampler):
-            train_loader.sampler.set_epoch(epoch)  # a new replayed view every epoch
-        stats = train_one_epoch(model, train_loader, step, optimizer, scheduler, scaler, device, cfg.train,
+        if isinstance(train_loader.sampler, (ReplaySampler, torch.utils.data.DistributedSampler)):
+            train_loader.sampler.set_epoch(epoch)  # a new order (and replayed view) every epoch
+        stats = train_one_epoch(trained, train_loader, step, optimizer, scheduler, scaler, device, cfg.train,
                                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
         stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, cfg.train.amp).items()})
         stats["epoch"] = epoch + 1
         history.append(stats)
+        if rank != 0:  # every rank scores the whole validation split (same weights); rank 0 writes
+            barrier()
+            continue
         if writer is not None:
             for key in ("train_loss", "val_top1", "val_top5", "val_loss", "lr", "images_per_s"):
                 writer.add_scalar(key, stats[key], epoch + 1)
             writer.flush()
-        print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f}  "
+        log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f}  "
               f"top-5 {stats['val_top5']:.2f}  {stats['images_per_s']:.0f} img/s")
         with disk_full_is_an_error(f"saving epoch {epoch + 1} in '{out}' failed; the state of epoch {epoch} is intact. "
                                    "Free space and rerun the same command to resume"):
@@ -165,6 +185,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
             save_resume_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
             write_history(out, history)
+        barrier()
     if writer is not None:
         writer.close()
     return history[-1] if history else {}

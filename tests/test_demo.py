@@ -1,0 +1,42 @@
+"""`make demo` is `libkd study configs/digits-demo.yaml`: here it runs at toy size, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from libkd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ["base.train.epochs=2", "base.train.max_steps_per_epoch=2", "base.train.tensorboard=false",
+       "teachers.conv.train.epochs=1", "teachers.conv.train.max_steps_per_epoch=2", "teachers.conv.train.tensorboard=false",
+       "teachers.inv.train.epochs=1", "teachers.inv.train.max_steps_per_epoch=2", "teachers.inv.train.tensorboard=false",
+       "store.verify_samples=4"]
+
+
+def test_make_demo_runs_the_demo_study():
+    recipe = ROOT / "Makefile"
+    demo = recipe.read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "libkd study configs/digits-demo.yaml" in demo
+
+
+def test_demo_pipeline_at_toy_size_ends_with_the_report_path(tmp_path, capsys):
+    args = ["study", str(ROOT / "configs" / "digits-demo.yaml"), "--set", f"out={tmp_path / 'demo'}"]
+    for item in TOY:
+        args += ["--set", item]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    report = tmp_path / "demo" / "report" / "report.md"
+    assert printed[-1] == f"report: {report}"
+    text = report.read_text()
+    assert "| none-s0 | none |" in text and "| both-s0 | store | resnet18, rednet26_cifar | per-token |" in text
+    assert "Teacher complementarity" in text
+    for png in ("accuracy_per_epoch.png", "accuracy_vs_time.png"):
+        assert (report.parent / png).read_bytes()[:4] == b"\x89PNG"
+    assert any("verified" in line for line in printed)
+    evaluation = json.loads((tmp_path / "demo" / "runs" / "both-s0" / "student.eval.json").read_text())
+    assert len(evaluation["teachers"]) == 2 and len(evaluation["heads"]) == 3
+    # A second run reuses every step and says so.
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert again.count("already complete") >= 2 and again.count("done, reusing it") == 2
