@@ -77,6 +77,7 @@ def test_study_runs_every_run_and_seed_and_writes_its_report(finished_study):
     # Seed 1 of the method learns from its own store (the seed decides the stream and the initial student).
     stores = {Path(json.loads((runs / n / "run.json").read_text())["store"]["path"]).name for n in ("both-s0", "both-s1")}
     assert len(stores) == 2
+    assert [load_config(runs / n / "config.yaml").seed for n in ("none-s0", "none-s1", "both-s1")] == [0, 1, 1]
     summary = (tmp_path / "results" / "study.md").read_text()
     assert "| both | store | conv, inv | per-token | 2/2 |" in summary and "## Claims" in summary
     for claim in ("(a) both teachers", "(b) the store reaches", "(c) the naive"):
