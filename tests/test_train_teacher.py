@@ -200,3 +200,11 @@ def test_two_process_torchrun_teacher_matches_one_process_and_writes_once(tmp_pa
 
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], atol=1e-4, rtol=1e-3)
+
+
+def test_settings_that_do_not_change_the_weights_may_change_on_resume(tmp_path):
+    train_teacher(smoke_config(tmp_path / "run", "train.epochs=1"))
+    final = train_teacher(smoke_config(tmp_path / "run", "train.epochs=1", "train.eval_every=3", "train.workers=1"))
+    assert final["epoch"] == 1
+    with pytest.raises(LibkdError, match="train.lr: saved 0.05, now 0.1"):
+        train_teacher(smoke_config(tmp_path / "run", "train.epochs=1", "train.lr=0.1"))

@@ -24,7 +24,7 @@ from libkd import LibkdError
 from libkd.config import ExperimentConfig, ReplayConfig, StoreConfig, save_config
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.distributed import barrier, setup
-from libkd.engine import (build_optimizer, build_scheduler, make_scaler, resume, save_resume_state, train_one_epoch,
+from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, save_resume_state, train_one_epoch,
                           write_history)
 from libkd.evaluate import collect, score, val_loader
 from libkd.fileio import disk_full_is_an_error, write_json_atomic
@@ -164,7 +164,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
            "teacher_checkpoints": [t.path for t in teachers] if teachers else
            [manifest["teacher_checkpoints"][i] for i in columns] if manifest else []}
     identity = {"run": json.loads(json.dumps(run)), "student": student_kwargs | {"name": cfg.student.name},
-                "train": cfg.train.model_dump(mode="json", exclude={"resume", "workers"}),
+                "train": cfg.train.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS),
                 "distill": cfg.distill.model_dump(mode="json"), "replay": recipe_hash(cfg.replay), "seed": cfg.seed,
                 "inputs": spec}
     log = print if rank == 0 else (lambda *a, **k: None)

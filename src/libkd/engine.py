@@ -20,6 +20,10 @@ from libkd import LibkdError
 from libkd.config import TrainConfig
 
 
+# Train settings that change neither the weights nor the stream: a run may resume with other values.
+RESUMABLE_TRAIN_KEYS = {"resume", "workers", "eval_every"}
+
+
 def save_resume_state(state: dict, path: Path) -> None:
     """Write a resume state (tensors and plain values) atomically."""
     tmp = path.with_name(path.name + ".tmp")

@@ -16,6 +16,8 @@ import itertools
 import json
 import shutil
 import statistics
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -120,7 +122,7 @@ def _short_hash(value: Any) -> str:
 
 
 def _log(message: str) -> None:
-    print(f"[study] {message}", flush=True)
+    print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 class Study:
@@ -131,6 +133,20 @@ class Study:
         self.base = cfg.base
         self.spec = {r.name: r for r in cfg.runs}
         self.verified: set[str] = set()
+
+    @contextmanager
+    def timed(self, key: str):
+        """Add this step's wall time to OUT/timings.json (summed over resumptions; a reused step adds its check)."""
+        from libkd.fileio import write_json_atomic
+
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            path = self.out / "timings.json"
+            timings = json.loads(path.read_text()) if path.is_file() else {}
+            timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - start, 1)
+            write_json_atomic(path, timings)
 
     # ------------------------------------------------------------------ teachers and stores
 
@@ -144,7 +160,8 @@ class Study:
             teacher_cfg = self.base.model_copy(update={"teacher": spec.teacher, "augment": spec.augment, "train": spec.train,
                                                        "seed": self.cfg.seeds[0], "out": str(self.out / "teachers" / name)})
             _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
-            train_teacher(teacher_cfg)
+            with self.timed(f"teacher {name}"):
+                train_teacher(teacher_cfg)
 
     def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores") -> str:
         """Where the store for these data, recipe and seed lives (built on first use)."""
@@ -159,7 +176,8 @@ class Study:
         store = self.cfg.store.model_copy(update={"path": str(path), "views": 1 if naive else self.cfg.store.views,
                                                   "teachers": [self.teacher_path(t) for t in self.cfg.teachers]})
         _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'} -> {path}")
-        precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
+        with self.timed(f"store {where}/{path.name}"):
+            precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
         if str(path) not in self.verified:  # checksums, and a sample of records recomputed by the teachers
             result = verify_store(path, self.cfg.store.verify_samples, self.base.device, seed)
             _log(f"store {path.name} verified: {result['checked_records']} records recomputed, max |diff| {result['max_abs_diff']:.3g}")
@@ -209,7 +227,8 @@ class Study:
                 name = f"stage{s}-{stage.run}-{_short_hash(overrides)}"
                 _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
                 cfg = self.run_config(spec, self.cfg.seeds[0], trial_base, self.out / "tune" / name, stores="tune/stores")
-                metrics = self.distill_and_evaluate(cfg, evaluate=False)
+                with self.timed(f"tune {name}"):
+                    metrics = self.distill_and_evaluate(cfg, evaluate=False)
                 trials.append({"trial": name, "overrides": overrides, "holdout_top1": metrics["val_top1"]})
             best = max(trials, key=lambda t: t["holdout_top1"])  # the first of equals: grid order breaks ties
             chosen.update(best["overrides"])
@@ -239,7 +258,9 @@ class Study:
             state = "done, reusing it" if (out / "student.eval.json").is_file() else "running"
             _log(f"run {n}/{len(plan)}: {name} ({spec.mode}, teachers {spec.teachers or '-'}, {spec.combine}"
                  f"{', naive store' if spec.naive_store else ''}): {state}")
-            self.distill_and_evaluate(self.run_config(spec, seed, base, out), evaluate=True)
+            cfg = self.run_config(spec, seed, base, out)
+            with self.timed(f"run {name}"):
+                self.distill_and_evaluate(cfg, evaluate=True)
             self.write_results()
         summary = self.write_results()
         _log(f"summary over seeds and the claims: {summary}")
@@ -273,8 +294,9 @@ class Study:
             for item in report_dir.iterdir():
                 shutil.copy2(item, results / item.name)
             tuning = self.out / "tune" / "tuning.json"
-            if tuning.is_file():
-                shutil.copy2(tuning, results / "tuning.json")
+            for extra in (tuning, self.out / "timings.json"):
+                if extra.is_file():
+                    shutil.copy2(extra, results / extra.name)
         return study_md
 
 
@@ -324,6 +346,14 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
             f"{', '.join(format(r['top1'], '.2f') for r in rows)} | {statistics.mean(r['ece'] for r in rows):.3f} | "
             f"{statistics.mean(r['img_s'] for r in rows):.0f} | {statistics.mean(r['train_s'] for r in rows) / 60:.1f} min |")
     lines += ["", "## Claims", "", *claims(study, by_run)]
+    timings = study.out / "timings.json"
+    if timings.is_file():
+        spent: dict[str, float] = {}
+        for key, seconds in json.loads(timings.read_text()).items():
+            spent[key.split()[0]] = spent.get(key.split()[0], 0.0) + seconds
+        lines += ["", "Wall time spent so far (summed over resumptions): " + ", ".join(
+            f"{kind}s {seconds / 60:.0f} min" for kind, seconds in spent.items())
+                  + f"; {sum(spent.values()) / 3600:.2f} h in all (`{study.out}/timings.json`)."]
     tuning = study.out / "tune" / "tuning.json"
     if tuning.is_file():
         lines += ["", "## Settings search (held-out part of the training images, never the test split)", "",

@@ -23,7 +23,7 @@ from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recip
 from libkd.distributed import barrier, setup
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
-from libkd.engine import (build_optimizer, build_scheduler, evaluate, make_scaler, resume,
+from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, evaluate, make_scaler, resume,
                           save_resume_state, train_one_epoch, write_history)
 from libkd.models import count_parameters, create_model, save_checkpoint
 
@@ -108,7 +108,7 @@ def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec
 
 def _run_identity(cfg: ExperimentConfig, train: ImageDataset, spec: dict[str, Any]) -> dict[str, Any]:
     """What must not change between a run and its resumption, the model's inputs included."""
-    return {"dataset": train.fingerprint, "teacher": cfg.teacher.model_dump(), "train": cfg.train.model_dump(exclude={"resume", "workers"}),
+    return {"dataset": train.fingerprint, "teacher": cfg.teacher.model_dump(), "train": cfg.train.model_dump(exclude=RESUMABLE_TRAIN_KEYS),
             "augment": cfg.augment.model_dump(), "seed": cfg.seed, "inputs": dict(spec, load_size=cfg.data.load_size),
             "replay": recipe_hash(cfg.replay) if cfg.augment.replay else None}
 
