@@ -53,6 +53,8 @@ def resume(state_path: Path, identity: dict, allowed: bool, device: torch.device
     if not allowed:
         raise LibkdError(f"'{out}' already holds a run; pick another --out, delete it, or set train.resume=true to continue it")
     state = load_resume_state(state_path, device)
+    if isinstance(state["identity"].get("train"), dict):  # states saved when these keys were part of the identity
+        state["identity"]["train"] = {k: v for k, v in state["identity"]["train"].items() if k not in RESUMABLE_TRAIN_KEYS}
     if state["identity"] != identity:
         changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
         details = []
