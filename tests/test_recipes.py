@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from libkd.cli import main
 from libkd.config import load_config
@@ -30,7 +31,7 @@ def test_every_recipe_loads_and_says_how_to_run_it(path):
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
     assert "Run:" in text and "Time:" in text, f"{path.name}: the header must say how to run it and how long it takes"
-    if path.stem.endswith("-study"):
+    if "runs" in yaml.safe_load(path.read_text()):  # a study (libkd study CONFIG)
         from libkd.study import load_study
 
         load_study(path)

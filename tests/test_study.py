@@ -80,9 +80,9 @@ def test_study_runs_every_run_and_seed_and_writes_its_report(finished_study):
     assert [load_config(runs / n / "config.yaml").seed for n in ("none-s0", "none-s1", "both-s1")] == [0, 1, 1]
     timings = json.loads((tmp_path / "results" / "timings.json").read_text())
     assert {"teacher conv", "teacher inv", "run none-s0", "run both-s1"} <= set(timings) and timings["run none-s0"] > 0
-    assert "h in all" in summary
     summary = (tmp_path / "results" / "study.md").read_text()
     assert "| both | store | conv, inv | per-token | 2/2 |" in summary and "## Claims" in summary
+    assert "h in all" in summary
     for claim in ("(a) both teachers", "(b) the store reaches", "(c) the naive"):
         assert re.search(re.escape(claim) + r"[^\n]*\*\*(holds|does not hold)", summary), claim
     report = (tmp_path / "results" / "report.md").read_text()
