@@ -107,14 +107,39 @@ def test_a_killed_study_resumes_the_missing_runs_only(finished_study, capsys):
     tmp_path, config = finished_study
     import shutil
 
-    shutil.rmtree(tmp_path / "study" / "runs" / "both-s1")  # as if killed before its last run
+    shutil.rmtree(tmp_path / "study" / "runs" / "both-s1")  # as if killed during its last run: it never landed
+    shutil.rmtree(tmp_path / "results" / "runs" / "both-s1")
     assert main(["study", str(config)]) == 0
     out = capsys.readouterr().out
     assert out.count("done, reusing it") == 7 and "run 8/8: both-s1 (store, teachers ['conv', 'inv'], per-token): running" in out
     assert (tmp_path / "study" / "runs" / "both-s1" / "student.eval.json").is_file()
 
 
-def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tmp_path):
+def test_a_fresh_machine_resumes_from_the_committed_results(finished_study, capsys):
+    """runs/ is not committed: with OUT gone, the teachers, the search and the finished runs come from results/."""
+    tmp_path, config = finished_study
+    import shutil
+
+    (tmp_path / "study").rename(tmp_path / "study-elsewhere")
+    try:
+        assert (tmp_path / "results" / "teachers" / "conv" / "teacher.safetensors").is_file()
+        assert main(["study", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert out.count("committed by an earlier session") == 2 + 8  # both teachers, every run
+        assert "running" not in out and not (tmp_path / "study" / "runs").exists()
+        assert "| both | store | conv, inv | per-token | 2/2 |" in (tmp_path / "results" / "study.md").read_text()
+        # A landed run made with other settings is refused by name, not silently reused.
+        landed = tmp_path / "results" / "runs" / "none-s0" / "config.yaml"
+        landed.write_text(landed.read_text().replace("lr: 0.001", "lr: 0.002"))
+        assert main(["study", str(config)]) == 2
+        assert "train.lr" in capsys.readouterr().err
+        landed.write_text(landed.read_text().replace("lr: 0.002", "lr: 0.001"))
+    finally:
+        shutil.rmtree(tmp_path / "study")
+        (tmp_path / "study-elsewhere").rename(tmp_path / "study")
+
+
+def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tmp_path, capsys):
     tune = {"holdout": 3, "epochs": 1,  # of the 4 images per class
             "stages": [{"run": "none", "grid": [[{"train.lr": 1e-4}, {"train.lr": 3e-3}]]},
                        {"run": "both", "grid": [[{"distill.alpha": 0.5}, {"distill.alpha": 0.9}]]}]}
@@ -133,6 +158,11 @@ def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tm
     assert final.data.holdout is None and final.train.lr == chosen_lr and final.train.epochs == 2
     assert final.distill.alpha == record["chosen"]["distill.alpha"]
     assert "Settings search" in (tmp_path / "results" / "study.md").read_text()
+    # On a fresh machine the committed search is reused, not searched again.
+    (tmp_path / "study").rename(tmp_path / "gone")
+    assert main(["study", str(config)]) == 0
+    assert f"settings search: reusing {tmp_path / 'results' / 'tuning.json'}" in capsys.readouterr().out
+    assert not (tmp_path / "study" / "tune").exists()
 
 
 @pytest.mark.parametrize("change, message", [

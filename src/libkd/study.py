@@ -28,6 +28,8 @@ from libkd.config import (AugmentConfig, ExperimentConfig, ModelConfig, Section,
                           load_config)
 
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
+TEACHER_FILES = ("teacher.safetensors", "teacher.json", "metrics.jsonl", "config.yaml")
+STATE_FILE = "last_state.pt"  # what train-teacher resumes from
 
 
 class TeacherSpec(Section):
@@ -133,6 +135,8 @@ class Study:
         self.base = cfg.base
         self.spec = {r.name: r for r in cfg.runs}
         self.verified: set[str] = set()
+        self.results = Path(cfg.results) if cfg.results else None
+        self.final_base: ExperimentConfig | None = None  # the base with the search's choices, once known
 
     @contextmanager
     def timed(self, key: str):
@@ -144,6 +148,8 @@ class Study:
             yield
         finally:
             path = self.out / "timings.json"
+            if not path.is_file() and self.results and (self.results / path.name).is_file():  # another machine's
+                shutil.copy2(self.results / path.name, path)
             timings = json.loads(path.read_text()) if path.is_file() else {}
             timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - start, 1)
             write_json_atomic(path, timings)
@@ -159,12 +165,26 @@ class Study:
         for name, spec in self.cfg.teachers.items():
             teacher_cfg = self.base.model_copy(update={"teacher": spec.teacher, "augment": spec.augment, "train": spec.train,
                                                        "seed": self.cfg.seeds[0], "out": str(self.out / "teachers" / name)})
-            _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
-            with self.timed(f"teacher {name}"):
-                train_teacher(teacher_cfg)
+            folder = Path(teacher_cfg.out)
+            landed = self.results / "teachers" / name if self.results else None
+            if not (folder / "teacher.json").is_file() and landed and (landed / "teacher.json").is_file():
+                _check_landed(landed, teacher_cfg, ("seed", "teacher", "augment", "train"))
+                shutil.copytree(landed, folder, dirs_exist_ok=True)
+                _log(f"teacher '{name}': restored from {landed} (committed by an earlier session)")
+            if (folder / "teacher.json").is_file() and not (folder / STATE_FILE).is_file():
+                _check_landed(folder, teacher_cfg, ("seed", "teacher", "augment", "train"))
+                _log(f"teacher '{name}' ({spec.teacher.name}): restored, reusing it")
+            else:
+                _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
+                with self.timed(f"teacher {name}"):
+                    train_teacher(teacher_cfg)
+            if landed:  # small enough to commit: a later session on a fresh machine then uses these very teachers
+                landed.mkdir(parents=True, exist_ok=True)
+                for item in TEACHER_FILES:
+                    shutil.copy2(folder / item, landed / item)
 
-    def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores") -> str:
-        """Where the store for these data, recipe and seed lives (built on first use)."""
+    def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores", build: bool = True) -> str:
+        """Where the store for these data, recipe and seed lives (built and verified on first use when ``build``)."""
         from libkd.store.precompute import precompute, verify_store
 
         key = {"data": base.data.model_dump(mode="json"), "replay": None if naive else base.replay.model_dump(mode="json"),
@@ -175,6 +195,8 @@ class Study:
         replay = base.replay.model_copy(update={"enabled": False}) if naive else base.replay
         store = self.cfg.store.model_copy(update={"path": str(path), "views": 1 if naive else self.cfg.store.views,
                                                   "teachers": [self.teacher_path(t) for t in self.cfg.teachers]})
+        if not build:
+            return str(path)
         _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'} -> {path}")
         with self.timed(f"store {where}/{path.name}"):
             precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
@@ -186,12 +208,13 @@ class Study:
 
     # ------------------------------------------------------------------ runs
 
-    def run_config(self, spec: RunSpec, seed: int, base: ExperimentConfig, out: Path, stores: str = "stores") -> ExperimentConfig:
+    def run_config(self, spec: RunSpec, seed: int, base: ExperimentConfig, out: Path, stores: str = "stores",
+                   build: bool = True) -> ExperimentConfig:
         teachers = [self.teacher_path(t) for t in spec.teachers]
         distill = base.distill.model_copy(update={"mode": spec.mode, "teachers": teachers, "combine": spec.combine,
                                                   "naive_store": spec.naive_store, "store": None})
         if spec.mode == "store":
-            distill.store = self.store_path(base, seed, spec.naive_store, stores)
+            distill.store = self.store_path(base, seed, spec.naive_store, stores, build)
         return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill})
 
     def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]:
@@ -217,6 +240,13 @@ class Study:
         record: list[dict[str, Any]] = []
         if tune is None or not tune.stages:
             return chosen
+        landed = self.results / "tuning.json" if self.results else None
+        if not (self.out / "tune" / "tuning.json").is_file() and landed and landed.is_file():
+            record = json.loads(landed.read_text())
+            if _same_search(record, tune):
+                _log(f"settings search: reusing {landed} (committed by an earlier session): {record['chosen']}")
+                return record["chosen"]
+            _log(f"settings search: {landed} searched another grid; searching again")
         for s, stage in enumerate(tune.stages):
             spec = self.spec[stage.run]
             trials = []
@@ -253,11 +283,16 @@ class Study:
         chosen = self.tune()
         base = _with(self.base, chosen)
         plan = self.planned_runs()
+        self.final_base = base
         for n, (spec, seed, name) in enumerate(plan, 1):
             out = self.out / "runs" / name
-            state = "done, reusing it" if (out / "student.eval.json").is_file() else "running"
+            landed = self.landed_run(spec, seed, name)
+            state = ("done, reusing it" if (out / "student.eval.json").is_file() else
+                     f"done, reusing it (from {landed}, committed by an earlier session)" if landed else "running")
             _log(f"run {n}/{len(plan)}: {name} ({spec.mode}, teachers {spec.teachers or '-'}, {spec.combine}"
                  f"{', naive store' if spec.naive_store else ''}): {state}")
+            if landed and not (out / "student.eval.json").is_file():
+                continue
             cfg = self.run_config(spec, seed, base, out)
             with self.timed(f"run {name}"):
                 self.distill_and_evaluate(cfg, evaluate=True)
@@ -268,9 +303,23 @@ class Study:
 
     # ------------------------------------------------------------------ report
 
+    def landed_run(self, spec: RunSpec, seed: int, name: str) -> Path | None:
+        """``results/runs/NAME`` when it holds this very run, finished (the small files an earlier session committed)."""
+        folder = self.results / "runs" / name if self.results else None
+        if folder is None or not all((folder / f).is_file() for f in RESULT_FILES):
+            return None
+        expected = self.run_config(spec, seed, self.final_base, self.out / "runs" / name, build=False)
+        _check_landed(folder, expected, ("seed", "student", "train", "distill", "replay"))
+        return folder
+
     def finished_runs(self) -> list[tuple[RunSpec, int, Path]]:
-        return [(spec, seed, self.out / "runs" / name) for spec, seed, name in self.planned_runs()
-                if (self.out / "runs" / name / "student.eval.json").is_file()]
+        finished = []
+        for spec, seed, name in self.planned_runs():
+            if (self.out / "runs" / name / "student.eval.json").is_file():
+                finished.append((spec, seed, self.out / "runs" / name))
+            elif self.final_base is not None and self.landed_run(spec, seed, name):
+                finished.append((spec, seed, self.results / "runs" / name))
+        return finished
 
     def write_results(self) -> Path:
         """report/ (libkd report over every finished run) and report/study.md; copied to ``results`` when set."""
@@ -287,6 +336,8 @@ class Study:
             results = Path(self.cfg.results)
             for _, _, folder in finished:
                 target = results / "runs" / folder.name
+                if target.resolve() == folder.resolve():
+                    continue
                 target.mkdir(parents=True, exist_ok=True)
                 for name in RESULT_FILES:
                     if (folder / name).is_file():
@@ -298,6 +349,35 @@ class Study:
                 if extra.is_file():
                     shutil.copy2(extra, results / extra.name)
         return study_md
+
+
+def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str, ...]) -> None:
+    """Refuse a restored teacher or run whose recorded config differs from what this study asks for."""
+    from libkd.engine import RESUMABLE_TRAIN_KEYS
+
+    saved = load_config(folder / "config.yaml")
+    for section in sections:
+        mine, theirs = getattr(expected, section), getattr(saved, section)
+        if section == "train":
+            mine, theirs = (x.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS) for x in (mine, theirs))
+        elif hasattr(mine, "model_dump"):
+            mine, theirs = mine.model_dump(mode="json"), theirs.model_dump(mode="json")
+        if mine != theirs:
+            where = [k for k in mine if mine.get(k) != theirs.get(k)] if isinstance(mine, dict) else []
+            raise LibkdError(f"'{folder}' was made with another {section} ({', '.join(f'{section}.{k}' for k in where) or section} "
+                             "differ) than this study asks for; delete it (and commit the deletion) to redo it, or restore "
+                             "the study's settings")
+
+
+def _same_search(record: dict[str, Any], tune: TuneConfig) -> bool:
+    """Whether a saved tuning record searched exactly this grid."""
+    if record.get("holdout") != tune.holdout or record.get("epochs") != tune.epochs or len(record["stages"]) != len(tune.stages):
+        return False
+    for saved, stage in zip(record["stages"], tune.stages):
+        grid = [{k: v for part in choice for k, v in part.items()} for choice in itertools.product(*stage.grid)]
+        if saved["run"] != stage.run or [t["overrides"] for t in saved["trials"]] != json.loads(json.dumps(grid)):
+            return False
+    return True
 
 
 def _grid_size(grid: list[list[dict[str, Any]]]) -> int:
