@@ -74,6 +74,8 @@ def test_study_runs_every_run_and_seed_and_writes_its_report(finished_study):
     single = json.loads((runs / "conv-s0" / "run.json").read_text())
     assert single["teachers"] == ["resnet18"] and single["tokens"] == 1 and single["mode"] == "store"
     assert json.loads((runs / "both-naive-s0" / "run.json").read_text())["naive_store"] is True
+    # Every mode replays the same stream: the store's views (2 here, not the default 4), one view per epoch.
+    assert {json.loads((runs / n / "run.json").read_text())["views"] for n in ("none-s0", "both-online-s0", "both-s0")} == {2}
     # Seed 1 of the method learns from its own store (the seed decides the stream and the initial student).
     stores = {Path(json.loads((runs / n / "run.json").read_text())["store"]["path"]).name for n in ("both-s0", "both-s1")}
     assert len(stores) == 2

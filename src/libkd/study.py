@@ -215,7 +215,9 @@ class Study:
                                                   "naive_store": spec.naive_store, "store": None})
         if spec.mode == "store":
             distill.store = self.store_path(base, seed, spec.naive_store, stores, build)
-        return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill})
+        # Runs without a store replay the store's number of views, so every mode sees the same stream.
+        store = base.store.model_copy(update={"views": self.cfg.store.views})
+        return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill, "store": store})
 
     def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]:
         """Train (or reuse) one student; with ``evaluate``, score it with its teachers into student.eval.json."""
