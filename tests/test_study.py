@@ -118,17 +118,18 @@ def test_a_killed_study_resumes_the_missing_runs_only(finished_study, capsys):
 
 
 def test_a_fresh_machine_resumes_from_the_committed_results(finished_study, capsys):
-    """runs/ is not committed: with OUT gone, the teachers, the search and the finished runs come from results/."""
+    """runs/ is not committed: with OUT gone, the teachers are retrained (and must be the committed ones), and the
+    search and the finished runs come from results/."""
     tmp_path, config = finished_study
     import shutil
 
     (tmp_path / "study").rename(tmp_path / "study-elsewhere")
     try:
-        assert (tmp_path / "results" / "teachers" / "conv" / "teacher.safetensors").is_file()
+        assert not (tmp_path / "results" / "teachers" / "conv" / "teacher.safetensors").exists()  # sidecars only
         assert main(["study", str(config)]) == 0
         out = capsys.readouterr().out
-        assert out.count("committed by an earlier session") == 2 + 8  # both teachers, every run
-        assert "running" not in out and not (tmp_path / "study" / "runs").exists()
+        assert out.count("committed by an earlier session") == 8 and "running" not in out
+        assert not (tmp_path / "study" / "runs").exists()
         assert "| both | store | conv, inv | per-token | 2/2 |" in (tmp_path / "results" / "study.md").read_text()
         # A landed run made with other settings is refused by name, not silently reused.
         landed = tmp_path / "results" / "runs" / "none-s0" / "config.yaml"
@@ -136,6 +137,13 @@ def test_a_fresh_machine_resumes_from_the_committed_results(finished_study, caps
         assert main(["study", str(config)]) == 2
         assert "train.lr" in capsys.readouterr().err
         landed.write_text(landed.read_text().replace("lr: 0.002", "lr: 0.001"))
+        # A teacher retrained into other weights than the committed runs learned from is refused.
+        sidecar = tmp_path / "results" / "teachers" / "inv" / "teacher.json"
+        record = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**record, "weights_sha256": "0" * 64}))
+        assert main(["study", str(config)]) == 2
+        assert "teacher 'inv' trained here has weights" in capsys.readouterr().err
+        sidecar.write_text(json.dumps(record))
     finally:
         shutil.rmtree(tmp_path / "study")
         (tmp_path / "study-elsewhere").rename(tmp_path / "study")

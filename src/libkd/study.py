@@ -28,8 +28,7 @@ from libkd.config import (AugmentConfig, ExperimentConfig, ModelConfig, Section,
                           load_config)
 
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
-TEACHER_FILES = ("teacher.safetensors", "teacher.json", "metrics.jsonl", "config.yaml")
-STATE_FILE = "last_state.pt"  # what train-teacher resumes from
+TEACHER_FILES = ("teacher.json", "metrics.jsonl", "config.yaml")
 
 
 class TeacherSpec(Section):
@@ -166,19 +165,20 @@ class Study:
             teacher_cfg = self.base.model_copy(update={"teacher": spec.teacher, "augment": spec.augment, "train": spec.train,
                                                        "seed": self.cfg.seeds[0], "out": str(self.out / "teachers" / name)})
             folder = Path(teacher_cfg.out)
-            landed = self.results / "teachers" / name if self.results else None
-            if not (folder / "teacher.json").is_file() and landed and (landed / "teacher.json").is_file():
-                _check_landed(landed, teacher_cfg, ("seed", "teacher", "augment", "train"))
-                shutil.copytree(landed, folder, dirs_exist_ok=True)
-                _log(f"teacher '{name}': restored from {landed} (committed by an earlier session)")
-            if (folder / "teacher.json").is_file() and not (folder / STATE_FILE).is_file():
-                _check_landed(folder, teacher_cfg, ("seed", "teacher", "augment", "train"))
-                _log(f"teacher '{name}' ({spec.teacher.name}): restored, reusing it")
-            else:
-                _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
-                with self.timed(f"teacher {name}"):
-                    train_teacher(teacher_cfg)
-            if landed:  # small enough to commit: a later session on a fresh machine then uses these very teachers
+            _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
+            with self.timed(f"teacher {name}"):
+                train_teacher(teacher_cfg)
+            if self.results:  # the sidecar (weights' sha256), not the weights: retraining must give these very teachers
+                landed = self.results / "teachers" / name
+                mine = json.loads((folder / "teacher.json").read_text())["weights_sha256"]
+                if (landed / "teacher.json").is_file():
+                    theirs = json.loads((landed / "teacher.json").read_text())["weights_sha256"]
+                    if mine != theirs:
+                        raise LibkdError(
+                            f"teacher '{name}' trained here has weights {mine[:16]}, not the {theirs[:16]} of the teacher the "
+                            f"committed runs in '{self.results}' learned from (another CPU or thread count rounds differently). "
+                            f"Mixing them would compare students of different teachers: copy the original '{folder}' here, "
+                            f"or delete '{self.results}' to redo the study with these teachers")
                 landed.mkdir(parents=True, exist_ok=True)
                 for item in TEACHER_FILES:
                     shutil.copy2(folder / item, landed / item)
@@ -354,7 +354,7 @@ class Study:
 
 
 def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str, ...]) -> None:
-    """Refuse a restored teacher or run whose recorded config differs from what this study asks for."""
+    """Refuse a committed run whose recorded config differs from what this study asks for."""
     from libkd.engine import RESUMABLE_TRAIN_KEYS
 
     saved = load_config(folder / "config.yaml")
