@@ -113,6 +113,8 @@ def test_records_are_the_teachers_outputs_on_the_replayed_views(tmp_path, teache
             for t, teacher in enumerate(loaded):
                 fresh = teacher.model(teacher.prepare(images, mean, std, size))
                 torch.testing.assert_close(stored[t], fresh.half().float(), atol=2e-3, rtol=2e-3)
+        (second,) = store.read(indices, view, teachers=[1])  # one teacher's column, as a single-teacher student reads
+        assert torch.equal(second, stored[1])
     assert store.nbytes() > 48 * 3 * 2 * 8
 
 

@@ -276,6 +276,11 @@ def load_config(
     for text in overrides or []:
         key_path, value = parse_override(text)
         apply_override(values, key_path, value)
+    return validate_config(values, schema, f" in '{path}'" if path else "")
+
+
+def validate_config(values: dict[str, Any], schema: type[BaseModel] = ExperimentConfig, origin: str = "") -> Any:
+    """A config from plain values (sections as dicts), with the loader's checks and messages."""
     _check_keys(schema, values)
     try:
         return schema.model_validate(values)
@@ -284,7 +289,6 @@ def load_config(
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
             problems.append(f"'{where}': {err['msg']} (got {err.get('input')!r})")
-        origin = f" in '{path}'" if path else ""
         raise ConfigError(f"invalid config{origin}: " + "; ".join(problems)) from None
 
 

@@ -199,8 +199,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         images = images.to(device, non_blocking=True)
         y, y_partner, lam = y.to(device), y_partner.to(device), lam.to(device)
         if store is not None:
-            stored = store.read(indices.numpy(), int(batch_views[0]))
-            targets = [stored[i].to(device) for i in columns]
+            targets = [t.to(device) for t in store.read(indices.numpy(), int(batch_views[0]), columns)]
         elif teachers:
             targets = teacher_logits(teachers, images, mean, std, size)
         else:

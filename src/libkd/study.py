@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from libkd import LibkdError
 from libkd.config import (AugmentConfig, ExperimentConfig, ModelConfig, Section, StoreConfig, TrainConfig, apply_override,
-                          load_config)
+                          load_config, validate_config)
 
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
 TEACHER_FILES = ("teacher.json", "metrics.jsonl", "config.yaml")
@@ -112,10 +112,7 @@ def _with(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
     values = cfg.model_dump(mode="json", exclude_unset=True)
     for key, value in overrides.items():
         apply_override(values, [p for p in key.split(".") if p], value)
-    from libkd.config import _check_keys
-
-    _check_keys(ExperimentConfig, values)
-    return ExperimentConfig.model_validate(values)
+    return validate_config(values, origin=f" with {overrides}")
 
 
 def _short_hash(value: Any) -> str:
@@ -227,13 +224,13 @@ class Study:
         from libkd.fileio import write_json_atomic
 
         out = Path(cfg.out)
-        distill(cfg)  # a finished run is only checked against this config (a changed setting is refused) and reused
+        final = distill(cfg)  # a finished run is only checked against this config (a changed setting is refused) and reused
         target = out / "student.eval.json"
         if evaluate and not target.is_file():
             teachers = cfg.distill.teachers or None
             result = evaluate_checkpoint(str(out / "student"), None, teachers, resolve_device(cfg.device), cfg.train.eval_batch_size)
             write_json_atomic(target, result)
-        return _last_metrics(out)
+        return final
 
     def tune(self) -> dict[str, Any]:
         """Run every stage's grid on the held-out split; returns the chosen overrides (also in tune/tuning.json)."""
@@ -389,11 +386,6 @@ def _grid_size(grid: list[list[dict[str, Any]]]) -> int:
     return size
 
 
-def _last_metrics(out: Path) -> dict[str, Any]:
-    lines = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1])
-
-
 def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -402,12 +394,14 @@ def _mean_spread(values: list[float]) -> str:
 
 def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) -> str:
     """Mean and spread over seeds per run, the tuning record, and each claim checked against the figures."""
+    from libkd.report import load_run
+
     by_run: dict[str, list[dict[str, Any]]] = {}
     for spec, seed, folder in finished:
-        ev = json.loads((folder / "student.eval.json").read_text())
-        history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        run = load_run(folder)
+        history = run["history"]
         by_run.setdefault(spec.name, []).append({
-            "seed": seed, "top1": ev["top1"], "ece": ev["ece"], "eval": ev,
+            "seed": seed, "top1": run["eval"]["top1"], "ece": run["eval"]["ece"],
             "train_s": sum(h["train_seconds"] for h in history), "img_s": statistics.mean(h["images_per_s"] for h in history)})
     cfg = study.cfg
     lines = ["# Study summary", "",

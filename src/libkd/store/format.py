@@ -10,6 +10,8 @@ A record is keyed by (sample index, view); training at epoch e reads view e mod 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -176,9 +178,11 @@ class LogitStore:
             out[mask] = self._shard(teacher, int(shard))[v, indices[mask] - shard * self.shard_size]
         return out
 
-    def read(self, indices: np.ndarray, view: int) -> list[torch.Tensor]:
-        """Decoded teacher outputs (B, C) per teacher: logits (fp16 store) or log-probabilities (top-k)."""
-        return [decode(self.records(indices, view, t), self.num_classes) for t in range(self.num_teachers)]
+    def read(self, indices: np.ndarray, view: int, teachers: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Decoded outputs (B, C) of each teacher (or of those at ``teachers``): logits (fp16 store) or
+        log-probabilities (top-k)."""
+        picked = range(self.num_teachers) if teachers is None else teachers
+        return [decode(self.records(indices, view, t), self.num_classes) for t in picked]
 
     def nbytes(self) -> int:
         return sum(f["bytes"] for entry in self.manifest["shards"] for f in entry["files"].values())
