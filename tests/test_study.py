@@ -14,7 +14,7 @@ from libkd.cli import main
 from libkd.config import ConfigError, load_config
 from libkd.data import build_dataset
 from libkd.distill import distill
-from libkd.study import Study, load_study
+from libkd.study import Study, load_study, summary_markdown
 
 TINY_TEACHER_TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0, "tensorboard": False}
 
@@ -84,11 +84,16 @@ def test_study_runs_every_run_and_seed_and_writes_its_report(finished_study):
     assert {"teacher conv", "teacher inv", "run none-s0", "run both-s1"} <= set(timings) and timings["run none-s0"] > 0
     summary = (tmp_path / "results" / "study.md").read_text()
     assert "| both | store | conv, inv | per-token | 2/2 |" in summary and "## Claims" in summary
+    assert "| both-naive | store (naive store) | conv, inv | per-token | 1/1 |" in summary
     assert "h in all" in summary
     for claim in ("(a) both teachers", "(b) the store reaches", "(c) the naive"):
         assert re.search(re.escape(claim) + r"[^\n]*\*\*(holds|does not hold)", summary), claim
     report = (tmp_path / "results" / "report.md").read_text()
     assert "both-online-s0" in report and "both-naive-s0" in report
+    # conv-s0 (one teacher) is scored first; the report still lists both teachers and the pair's complementarity.
+    teacher_rows = [line for line in report.splitlines() if line.startswith("| `")]
+    assert len(teacher_rows) == 2 and "teachers/conv/teacher" in teacher_rows[0] and "teachers/inv/teacher" in teacher_rows[1]
+    assert "Teacher complementarity" in report
     for png in ("accuracy_per_epoch.png", "accuracy_vs_time.png"):
         assert (tmp_path / "results" / png).read_bytes()[:4] == b"\x89PNG"
     for name in expected:
@@ -111,6 +116,10 @@ def test_a_killed_study_resumes_the_missing_runs_only(finished_study, capsys):
 
     shutil.rmtree(tmp_path / "study" / "runs" / "both-s1")  # as if killed during its last run: it never landed
     shutil.rmtree(tmp_path / "results" / "runs" / "both-s1")
+    study = Study(load_study(config))
+    landed = [(spec, 0, tmp_path / "study" / "runs" / f"{spec.name}-s0") for spec in study.cfg.runs if spec.name != "both-naive"]
+    # An unfinished run reads as the same run, only not run yet.
+    assert "| both-naive | store (naive store) | conv, inv | per-token | 0/1 | not run yet |" in summary_markdown(study, landed)
     assert main(["study", str(config)]) == 0
     out = capsys.readouterr().out
     assert out.count("done, reusing it") == 7 and "run 8/8: both-s1 (store, teachers ['conv', 'inv'], per-token): running" in out
@@ -216,3 +225,24 @@ def test_store_mode_learns_from_a_chosen_teacher_and_refuses_one_not_in_the_stor
                                  "distill": cfg.distill.model_copy(update={"teachers": [str(tmp_path / "elsewhere")]})})
     with pytest.raises(LibkdError, match="is not in store"):
         distill(bad)
+
+
+def test_committed_study_results_are_not_ignored_by_git():
+    """A fresh machine resumes from what ``results:`` holds, so git must not ignore any of it (a bare ``runs/``
+    pattern once hid every run under docs/results/*/runs); the working ``runs/`` stays ignored."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("needs a git checkout of the repository")
+    results = load_study(repo / "configs" / "cifar10-10pct-study.yaml").results
+    assert results is not None
+    paths = [f"{results}/runs/both-s0/{name}" for name in ("run.json", "metrics.jsonl", "student.eval.json", "config.yaml")]
+    paths += [f"{results}/teachers/conv/teacher.json", f"{results}/tuning.json", f"{results}/study.md"]
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=repo).returncode == 0
+
+    assert [p for p in paths if ignored(p)] == []
+    assert ignored("runs/cifar10-10pct-study/runs/both-s0/run.json")

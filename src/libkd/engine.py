@@ -196,21 +196,3 @@ def train_one_epoch(
 def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """A gradient scaler, active only for fp16 (bf16 needs none); its state belongs in resume states."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, amp: str = "none") -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model``'s output."""
-    model.eval()
-    correct1 = correct5 = seen = 0
-    loss_sum = 0.0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        with autocast(device, amp):
-            logits = model(images).float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == labels).sum().item()
-        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
-        seen += labels.shape[0]
-    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "loss": loss_sum / seen}

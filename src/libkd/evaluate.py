@@ -2,7 +2,7 @@
 
 Metrics come from torchmetrics (top-k accuracy, expected calibration error with 15 bins,
 per-class accuracy, confusion matrix), so they follow the conventions users already trust. The
-same function scores each epoch of a ``distill`` run.
+same function scores each epoch of ``distill`` and ``train-teacher``.
 """
 
 from __future__ import annotations
@@ -59,12 +59,13 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
 
 
 def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = True) -> dict[str, Any]:
-    """Top-1/top-5 of each head and of the combined prediction; with ``full``, ECE, per-class accuracy,
+    """Top-1/top-5 of each head and of the combined prediction and its mean cross-entropy; with ``full``, ECE, per-class accuracy,
     the confusion matrix and, when teachers ran, their accuracy and each head's agreement with them."""
     labels, combined, heads = outputs["labels"], outputs["combined"], outputs["heads"]
     c = len(classes)
     result: dict[str, Any] = {
         "top1": accuracy(combined, labels), "top5": accuracy(combined, labels, 5),
+        "loss": nn.functional.cross_entropy(combined, labels).item(),
         "heads": [{"top1": accuracy(h, labels), "top5": accuracy(h, labels, 5)} for h in heads],
         "num_images": len(labels),
     }

@@ -68,13 +68,18 @@ def teacher_section(runs: list[dict[str, Any]]) -> list[str]:
     if not evaluated:
         return ["No run was evaluated with `--teachers`: run `libkd evaluate RUN/student --teachers T...` for the "
                 "teachers' accuracy, complementarity and token agreement."]
-    e = evaluated[0]["eval"]
+    # Runs may learn from different teachers (a single-teacher run beside the pair): list every teacher once.
+    teachers: dict[str, dict[str, float]] = {}
+    for r in evaluated:
+        for path, t in zip(r["eval"]["teacher_checkpoints"], r["eval"]["teachers"]):
+            teachers.setdefault(path, t)
     lines = ["| teacher | top-1 | top-5 |", "|---|---|---|"]
-    for path, t in zip(e["teacher_checkpoints"], e["teachers"]):
-        lines.append(f"| `{path}` | {t['top1']:.2f} | {t['top5']:.2f} |")
-    pair = e.get("teacher_pair")
-    if pair:
-        lines += ["", "Teacher complementarity on the validation split (percent of images):", "",
+    lines += [f"| `{path}` | {t['top1']:.2f} | {t['top5']:.2f} |" for path, t in teachers.items()]
+    paired = next((r["eval"] for r in evaluated if r["eval"].get("teacher_pair")), None)
+    if paired:
+        pair, (first, second) = paired["teacher_pair"], paired["teacher_checkpoints"]
+        lines += ["", f"Teacher complementarity on the validation split (percent of images; teacher 0 is `{first}`, "
+                      f"teacher 1 `{second}`):", "",
                   "| both agree | only teacher 0 right | only teacher 1 right | either right |", "|---|---|---|---|",
                   f"| {pair['agreement']:.1f} | {pair['only_first_right']:.1f} | {pair['only_second_right']:.1f} | "
                   f"{pair['either_right']:.1f} |"]

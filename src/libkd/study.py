@@ -412,13 +412,13 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
              "|---|---|---|---|---|---|---|---|---|---|"]
     for spec in cfg.runs:
         rows = by_run.get(spec.name)
-        if not rows:
-            lines.append(f"| {spec.name} | {spec.mode} | {', '.join(spec.teachers) or '—'} | — | 0/{spec.seeds} | not run yet | | | | |")
-            continue
         mode = spec.mode + (" (naive store)" if spec.naive_store else "")
+        described = f"| {spec.name} | {mode} | {', '.join(spec.teachers) or '—'} | {spec.combine if spec.teachers else '—'} | "
+        if not rows:
+            lines.append(described + f"0/{spec.seeds} | not run yet | | | | |")
+            continue
         lines.append(
-            f"| {spec.name} | {mode} | {', '.join(spec.teachers) or '—'} | {spec.combine if spec.teachers else '—'} | "
-            f"{len(rows)}/{spec.seeds} | **{_mean_spread([r['top1'] for r in rows])}** | "
+            described + f"{len(rows)}/{spec.seeds} | **{_mean_spread([r['top1'] for r in rows])}** | "
             f"{', '.join(format(r['top1'], '.2f') for r in rows)} | {statistics.mean(r['ece'] for r in rows):.3f} | "
             f"{statistics.mean(r['img_s'] for r in rows):.0f} | {statistics.mean(r['train_s'] for r in rows) / 60:.1f} min |")
     lines += ["", "## Claims", "", *claims(study, by_run)]

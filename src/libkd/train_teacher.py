@@ -23,8 +23,9 @@ from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recip
 from libkd.distributed import barrier, setup
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
-from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, evaluate, make_scaler, resume,
+from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume,
                           save_resume_state, train_one_epoch, write_history)
+from libkd.evaluate import collect, score
 from libkd.models import count_parameters, create_model, save_checkpoint
 
 STATE_FILE = "last_state.pt"
@@ -167,7 +168,8 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
             train_loader.sampler.set_epoch(epoch)  # a new order (and replayed view) every epoch
         stats = train_one_epoch(trained, train_loader, step, optimizer, scheduler, scaler, device, cfg.train,
                                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
-        stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, cfg.train.amp).items()})
+        scores = score(collect(model, val_loader, device, cfg.train.amp), train.classes, full=False)
+        stats.update(val_top1=scores["top1"], val_top5=scores["top5"], val_loss=scores["loss"])
         stats["epoch"] = epoch + 1
         history.append(stats)
         if rank != 0:  # every rank scores the whole validation split (same weights); rank 0 writes
