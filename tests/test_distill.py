@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from libkd.cli import main
 from libkd.config import load_config
 from libkd.distill import distill
 from libkd.models import create_model, save_checkpoint
+from libkd.report import line_styles
 from libkd.store.precompute import precompute
 
 DATA = ["data.source=synthetic", "data.synthetic.per_class=12", "data.synthetic.image_size=16"]
@@ -193,6 +195,17 @@ def test_report_from_two_runs_has_its_table_and_plots(tmp_path, teachers, stores
     assert "only teacher 0 right" in text and "accuracy_per_epoch.png" in text
     for png in ("accuracy_per_epoch.png", "accuracy_vs_time.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_plots_the_seeds_of_a_run_in_one_colour_and_other_runs_in_others():
+    names = [f"{run}-s{seed}" for seed in range(3) for run in ("none", "conv", "inv", "both", "mean", "online", "naive")]
+    names += [f"extra{i}" for i in range(5)]  # past matplotlib's ten-colour cycle
+    styles = line_styles(names)
+    colours = {run: {styles[f"{run}-s{seed}"][0] for seed in range(3)} for run in ("none", "conv", "both")}
+    assert all(len(c) == 1 for c in colours.values())  # a run's seeds share a colour...
+    assert len({styles[f"both-s{seed}"][1] for seed in range(3)}) == 3  # ...and differ in line style
+    firsts = [styles[n] for n in names if not re.search(r"-s[12]$", n)]
+    assert len(set(firsts)) == len(firsts)  # no two runs look alike, even past ten colours
 
 
 def test_report_refuses_runs_of_other_data(tmp_path, capsys):
