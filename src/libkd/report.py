@@ -95,11 +95,10 @@ def teacher_section(runs: list[dict[str, Any]]) -> list[str]:
 def line_styles(names: list[str]) -> dict[str, tuple[str, str, str]]:
     """(colour, line style, marker) per run: the seeds of one run (``NAME-sS``, as ``libkd study`` names them)
     share a colour and a marker and differ in line style; past ten runs the marker changes, so no two runs look alike."""
-    bases = list(dict.fromkeys(re.sub(r"-s\d+$", "", n) for n in names))
-    looks = {b: (f"C{i % 10}", ("o", "s", "^", "D")[i // 10 % 4]) for i, b in enumerate(bases)}
+    bases = [re.sub(r"-s\d+$", "", n) for n in names]
+    looks = {b: (f"C{i % 10}", ("o", "s", "^", "D")[i // 10 % 4]) for i, b in enumerate(dict.fromkeys(bases))}
     styles, seen = {}, {}
-    for name in names:
-        base = re.sub(r"-s\d+$", "", name)
+    for name, base in zip(names, bases):
         colour, marker = looks[base]
         styles[name] = (colour, ("-", "--", ":", "-.")[seen.get(base, 0) % 4], marker)
         seen[base] = seen.get(base, 0) + 1
@@ -114,11 +113,11 @@ def plot(runs: list[dict[str, Any]], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
+    styles = line_styles([r["name"] for r in runs])
     for name, xlabel, xs in (("accuracy_per_epoch.png", "epoch", lambda h: [e["epoch"] for e in h]),
                              ("accuracy_vs_time.png", "training time (min)",
                               lambda h: [sum(e["train_seconds"] for e in h[: i + 1]) / 60 for i in range(len(h))])):
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        styles = line_styles([r["name"] for r in runs])
         for r in runs:  # epochs without a score (train.eval_every > 1) are left out
             points = [(x, e["val_top1"]) for x, e in zip(xs(r["history"]), r["history"]) if e["val_top1"] is not None]
             colour, style, marker = styles[r["name"]]

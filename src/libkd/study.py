@@ -285,12 +285,13 @@ class Study:
         self.final_base = base
         for n, (spec, seed, name) in enumerate(plan, 1):
             out = self.out / "runs" / name
-            landed = self.landed_run(spec, seed, name)
-            state = ("done, reusing it" if (out / "student.eval.json").is_file() else
+            here = (out / "student.eval.json").is_file()
+            landed = None if here else self.landed_run(spec, seed, name)
+            state = ("done, reusing it" if here else
                      f"done, reusing it (from {landed}, committed by an earlier session)" if landed else "running")
             _log(f"run {n}/{len(plan)}: {name} ({spec.mode}, teachers {spec.teachers or '-'}, {spec.combine}"
                  f"{', naive store' if spec.naive_store else ''}): {state}")
-            if landed and not (out / "student.eval.json").is_file():
+            if landed:
                 continue
             cfg = self.run_config(spec, seed, base, out)
             with self.timed(f"run {name}"):

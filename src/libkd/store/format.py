@@ -10,10 +10,9 @@ A record is keyed by (sample index, view); training at epoch e reads view e mod 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
