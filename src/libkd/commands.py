@@ -231,3 +231,87 @@ def store_verify(args: argparse.Namespace) -> int:
     print(f"store '{args.path}' OK: {result['shard_files']} shard files match their checksums; "
           f"{result['checked_records']} recomputed records agree (max |diff| {result['max_abs_diff']:.3g})")
     return 0
+
+
+@command(
+    "export",
+    help="Export a student or teacher checkpoint to ONNX (fp32, optionally int8) with preprocess.json and MODEL_CARD.md, "
+    "checked against PyTorch with onnxruntime on the checkpoint's validation images (a mismatch is an error).",
+    arguments=[arg("checkpoint", help="NAME of NAME.safetensors + NAME.json, e.g. runs/x/student"),
+               arg("--int8", choices=["dynamic", "static"], help="also write model.int8.onnx: dynamic (MatMul/Gemm weights "
+                   "int8, activations at run time) or static (QDQ, calibrated on --calibration training images)"),
+               arg("--opset", type=int, default=18, help="ONNX opset (default 18)"),
+               arg("--calibration", type=int, default=256, metavar="N", help="training images for static int8 (default 256)"),
+               arg("--val-images", type=int, metavar="N", help="validate on the first N validation images (default all)"),
+               arg("--threads", type=int, help="CPU threads for onnxruntime and PyTorch (default: all available)")],
+)
+def export_cmd(args: argparse.Namespace) -> int:
+    from libkd.deploy import describe_command, export_checkpoint
+
+    data = experiment_config(args).data if (args.config or args.overrides) else None
+    r = export_checkpoint(args.checkpoint, args.out, args.int8, args.opset, args.calibration, data, args.val_images,
+                          args.threads, command=describe_command())
+    v = r["validation"]
+    print(f"onnx fp32: max |logit diff| {v['max_abs_logit_diff']:.2g} vs PyTorch (tolerance {v['tolerance']:.2g}), top-1 "
+          f"agreement {v['top1_agreement_onnx_vs_pytorch']:.2f} %, top-1 {v['top1_onnx']:.2f} ({v['images']} images)")
+    if r["int8"]:
+        print(f"onnx int8 ({r['int8']['mode']}): top-1 {v['top1_int8']:.2f} ({v['top1_int8'] - v['top1_onnx']:+.2f}), "
+              f"agreement with fp32 {v['top1_agreement_int8_vs_fp32']:.2f} %, {r['files_mb']['model.int8.onnx']:.2f} MB "
+              f"against {r['files_mb']['model.onnx']:.2f} MB")
+    print(f"exported to {r['folder']} (model.onnx{', model.int8.onnx' if r['int8'] else ''}, preprocess.json, MODEL_CARD.md)")
+    return 0
+
+
+@command(
+    "predict",
+    help="Classify images (files or folders) with a checkpoint (PyTorch) or an export folder (onnxruntime), "
+    "with the same preprocessing as evaluate. Unreadable images are named and skipped.",
+    arguments=[arg("model", help="a checkpoint (NAME of NAME.safetensors + NAME.json) or an export folder"),
+               arg("images", nargs="+", help="image files and/or folders (searched recursively)"),
+               arg("--top-k", type=int, default=5, help="classes per image (default 5)"),
+               arg("--json", action="store_true", help="print one JSON object (predictions, skipped files)"),
+               arg("--batch-size", type=int, default=64),
+               arg("--int8", action="store_true", help="use the export folder's model.int8.onnx"),
+               arg("--threads", type=int, help="CPU threads (default: all available)")],
+    uses_config=False,
+)
+def predict_cmd(args: argparse.Namespace) -> int:
+    from libkd import LibkdError
+    from libkd.predict import predict
+
+    result = predict(args.model, args.images, args.top_k, args.batch_size, args.threads, args.int8)
+    if not result["predictions"]:
+        names = ", ".join(s["file"] for s in result["skipped"][:3])
+        raise LibkdError(f"none of the {result['num_images']} file(s) is a readable image ({names}); pass JPEG/PNG/... images")
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for p in result["predictions"]:
+            print(f"{p['file']}: " + ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in p["top"]))
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} unreadable file(s): "
+              + "; ".join(f"{s['file']} ({s['error'][:80]})" for s in result["skipped"][:10]), file=__import__("sys").stderr)
+    return 0
+
+
+@command(
+    "compare",
+    help="Measure a student against the teachers it replaces, in one run on one machine: parameters, file size, batch-1 "
+    "latency, batch-64 throughput and top-1 for the student (PyTorch and onnxruntime fp32, int8 dynamic and static), each "
+    "teacher and the teacher ensemble; writes compare.md, compare.json and compare.png.",
+    arguments=[arg("student", help="student checkpoint (NAME of NAME.safetensors + NAME.json)"),
+               arg("--teachers", nargs="+", help="teacher checkpoints (default: those the student recorded)"),
+               arg("--to", default="runs/compare", help="output folder (default runs/compare)"),
+               arg("--threads", type=int, help="CPU threads, pinned for every model (default: all available)"),
+               arg("--repeats", type=int, default=50, help="batch-1 calls timed per model (median; default 50)"),
+               arg("--val-images", type=int, metavar="N", help="score the first N validation images (default all)"),
+               arg("--int8", nargs="*", choices=["dynamic", "static"], default=["dynamic", "static"],
+                   help="int8 modes to build (default both; none: --int8 with no value)"),
+               arg("--calibration", type=int, default=256, metavar="N", help="training images for static int8")],
+)
+def compare_cmd(args: argparse.Namespace) -> int:
+    from libkd.deploy import compare
+
+    data = experiment_config(args).data if (args.config or args.overrides) else None
+    print(f"compare: {compare(args.student, args.teachers, args.to, args.threads, args.repeats, args.val_images, tuple(args.int8), args.calibration, data=data)}")
+    return 0

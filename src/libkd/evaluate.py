@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from libkd.config import DataConfig
 from libkd.data import build_dataset
 from libkd.data.transforms import TransformedDataset, eval_transform
+from libkd.deploy import checkpoint_data
 from libkd.engine import autocast
 from libkd.models import build_from_checkpoint
 from libkd.teachers import Teacher, check_classes, load_teachers, teacher_logits
@@ -108,10 +109,7 @@ def evaluate_checkpoint(path: str, data: DataConfig | None = None, teachers: lis
                         device: torch.device = torch.device("cpu"), batch_size: int = 256, amp: str = "none") -> dict[str, Any]:
     """Score a student or teacher checkpoint on its validation split (``data`` overrides the recorded one)."""
     model, meta = build_from_checkpoint(path, device)
-    if data is None:
-        if "data_config" not in meta:
-            raise LookupError(f"checkpoint '{path}' does not record its data set; pass the data section (-c CONFIG or --set data.*)")
-        data = DataConfig.model_validate(meta["data_config"])
+    data = checkpoint_data(path, meta, data)
     spec = {"input_size": meta["input_size"], "crop_pct": meta.get("crop_pct", 1.0), "mean": meta["mean"], "std": meta["std"]}
     loader, val = val_loader(data, spec, batch_size)
     check_classes(str(path), meta, val.classes)

@@ -115,6 +115,10 @@ def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: 
         weight = weight.to(x.dtype)
     if kernel_size % 2 == 0:
         raise ValueError(f"involution kernel_size must be odd, got {kernel_size}")
+    if torch.compiler.is_exporting():
+        # ONNX and torch.export want plain ops: the unfold form is a handful of nodes, where the
+        # shifted-view loop (an autograd.Function of K*K steps) would trace into hundreds.
+        return involution_unfold_reference(x, weight, kernel_size, stride)
     path = resolve_impl(device_type, impl)
     with torch.autocast(device_type, enabled=False):
         if path == "triton":
