@@ -18,6 +18,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/libkd data info digits
 	$(BIN)/libkd study configs/digits-demo.yaml
+	$(BIN)/libkd export runs/digits-demo/runs/both-s0/student --int8 dynamic --out runs/digits-demo/export
+	$(BIN)/libkd compare runs/digits-demo/runs/both-s0/student --to runs/digits-demo/compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -18,6 +18,9 @@ def test_make_demo_runs_the_demo_study():
     recipe = ROOT / "Makefile"
     demo = recipe.read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     assert "libkd study configs/digits-demo.yaml" in demo
+    # ...and ends with the exported, quantised student and its table against the teachers.
+    assert "libkd export runs/digits-demo/runs/both-s0/student --int8 dynamic" in demo
+    assert "libkd compare runs/digits-demo/runs/both-s0/student" in demo
 
 
 def test_demo_pipeline_at_toy_size_ends_with_the_report_path(tmp_path, capsys):
@@ -36,6 +39,14 @@ def test_demo_pipeline_at_toy_size_ends_with_the_report_path(tmp_path, capsys):
     assert any("verified" in line for line in printed)
     evaluation = json.loads((tmp_path / "demo" / "runs" / "both-s0" / "student.eval.json").read_text())
     assert len(evaluation["teachers"]) == 2 and len(evaluation["heads"]) == 3
+    # The demo's last two steps, as the Makefile runs them, on the toy student.
+    student = str(tmp_path / "demo" / "runs" / "both-s0" / "student")
+    assert main(["export", student, "--int8", "dynamic", "--out", str(tmp_path / "export"), "--threads", "1"]) == 0
+    assert {"model.onnx", "model.int8.onnx", "preprocess.json", "MODEL_CARD.md"} <= {p.name for p in (tmp_path / "export").iterdir()}
+    assert main(["compare", student, "--to", str(tmp_path / "compare"), "--threads", "1", "--repeats", "2", "--int8", "dynamic"]) == 0
+    table = (tmp_path / "compare" / "compare.md").read_text()
+    assert "teacher ensemble (2, mean probabilities)" in table and "student int8 dynamic" in table
+    capsys.readouterr()
     # A second run reuses every step and says so.
     assert main(args) == 0
     again = capsys.readouterr().out

@@ -47,6 +47,16 @@ class ExportError(LibkdError):
     """An export that cannot be made, or a model folder that cannot be used."""
 
 
+def _require_onnx() -> None:
+    """ONNX support is an extra: name the install line instead of failing on an import."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"{', '.join(missing)} not installed; install the deploy extra: pip install 'libkd[deploy]' "
+                          "(make venv installs it)")
+
+
 # --------------------------------------------------------------------------- threads and sessions
 
 
@@ -65,6 +75,7 @@ def available_cores() -> int:
 
 def ort_session(path: str | Path, threads: int):
     """An onnxruntime CPU session with ``threads`` intra-op threads and sequential execution."""
+    _require_onnx()
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -168,6 +179,7 @@ def calibration_images(data: DataConfig, spec: dict[str, Any], count: int, seed:
 
 def export_onnx(model: nn.Module, input_size: int, path: Path, opset: int = DEFAULT_OPSET) -> None:
     """``model``'s forward as ONNX (dynamo exporter): input 'image' (batch, 3, S, S), output 'logits'."""
+    _require_onnx()
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
@@ -457,7 +469,7 @@ def describe_command(argv: list[str] | None = None) -> str:
 
 def compare(student: str, teachers: list[str] | None = None, out: str | Path = "runs/compare", threads: int | None = None,
             repeats: int = 50, val_images: int | None = None, int8: tuple[str, ...] = INT8_MODES, calibration: int = 256,
-            batch_size: int = 256, data: DataConfig | None = None, opset: int = DEFAULT_OPSET) -> Path:
+            batch_size: int = 256, data: DataConfig | None = None, opset: int = DEFAULT_OPSET, command: str | None = None) -> Path:
     """What the student saves against the teachers it replaces, measured in one run on one machine: parameters, file
     size, batch-1 latency, batch-64 throughput and top-1 on the validation split. Writes compare.md/.json/.png."""
     from libkd.models import build_from_checkpoint, count_parameters
@@ -533,7 +545,7 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
                      "latency_b1_ms": sum(r["latency_b1_ms"] for r in teacher_rows),
                      "throughput_b64": 1.0 / sum(1.0 / r["throughput_b64"] for r in teacher_rows)})
     record = {"student": student, "teachers": teacher_paths, "images": len(labels), "threads": threads, "repeats": repeats,
-              "machine": machine(), "rows": rows, "command": describe_command()}
+              "machine": machine(), "rows": rows, "command": command or describe_command()}
     write_json_atomic(out / "compare.json", record)
     (out / "compare.md").write_text(compare_markdown(record))
     compare_plot(rows, out / "compare.png")

@@ -87,15 +87,20 @@ def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = Tru
         else:
             targets = []
         result["token_teacher_agreement"] = [100.0 * (h.argmax(-1) == t).float().mean().item() for h, t in zip(tokens, targets)]
+        if len(tokens) == len(teachers):  # each token against its own teacher: who is right where
+            result["token_teacher_partition"] = [partition(h.argmax(-1), t.argmax(-1), labels) for h, t in zip(tokens, teachers)]
         if len(teachers) == 2:
-            right = [t.argmax(-1) == labels for t in teachers]
-            result["teacher_pair"] = {
-                "agreement": 100.0 * (teachers[0].argmax(-1) == teachers[1].argmax(-1)).float().mean().item(),
-                "only_first_right": 100.0 * (right[0] & ~right[1]).float().mean().item(),
-                "only_second_right": 100.0 * (right[1] & ~right[0]).float().mean().item(),
-                "either_right": 100.0 * (right[0] | right[1]).float().mean().item(),
-            }
+            result["teacher_pair"] = partition(teachers[0].argmax(-1), teachers[1].argmax(-1), labels)
     return result
+
+
+def partition(first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Two predictors' predictions split four ways that add up to 100 % (both right, only the first, only the
+    second, neither), plus their agreement (same class, right or wrong), which is not part of the split."""
+    a, b = first == labels, second == labels
+    share = lambda mask: 100.0 * mask.float().mean().item()  # noqa: E731
+    return {"both_right": share(a & b), "only_first_right": share(a & ~b), "only_second_right": share(b & ~a),
+            "neither_right": share(~a & ~b), "either_right": share(a | b), "agreement": share(first == second)}
 
 
 def val_loader(data: DataConfig, spec: dict[str, Any], batch_size: int, seed: int = 0):

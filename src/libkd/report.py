@@ -64,6 +64,18 @@ def results_table(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+PARTS = ("both_right", "only_first_right", "only_second_right", "neither_right")
+
+
+def full_partition(pair: dict[str, float]) -> dict[str, float]:
+    """The four-way split of a teacher pair; evaluations written before it was recorded hold only the 'only' parts
+    and 'either right', from which the rest follows."""
+    if "both_right" in pair:
+        return pair
+    return {**pair, "both_right": pair["either_right"] - pair["only_first_right"] - pair["only_second_right"],
+            "neither_right": 100.0 - pair["either_right"]}
+
+
 def teacher_section(runs: list[dict[str, Any]]) -> list[str]:
     evaluated = [r for r in runs if r["eval"] and "teachers" in r["eval"]]
     if not evaluated:
@@ -79,16 +91,25 @@ def teacher_section(runs: list[dict[str, Any]]) -> list[str]:
     paired = next((r["eval"] for r in evaluated if r["eval"].get("teacher_pair")), None)
     if paired:
         pair, (first, second) = paired["teacher_pair"], paired["teacher_checkpoints"]
+        parts = full_partition(pair)
         lines += ["", f"Teacher complementarity on the validation split (percent of images; teacher 0 is `{first}`, "
-                      f"teacher 1 `{second}`):", "",
-                  "| both agree | only teacher 0 right | only teacher 1 right | either right |", "|---|---|---|---|",
-                  f"| {pair['agreement']:.1f} | {pair['only_first_right']:.1f} | {pair['only_second_right']:.1f} | "
-                  f"{pair['either_right']:.1f} |"]
-    lines += ["", "Agreement of each student token with its teacher (percent of images):", "",
-              "| run | token agreement |", "|---|---|"]
+                      f"teacher 1 `{second}`). The four parts add up to 100 %:", "",
+                  "| both right | only teacher 0 right | only teacher 1 right | neither right |", "|---|---|---|---|",
+                  "| " + " | ".join(f"{parts[k]:.1f}" for k in PARTS) + " |", "",
+                  f"They predict the same class (right or wrong) on {pair['agreement']:.1f} % of the images; at least "
+                  f"one is right on {parts['both_right'] + parts['only_first_right'] + parts['only_second_right']:.1f} %."]
+    lines += ["", "Each student token against its own teacher (percent of images): the first four columns split the images "
+                  "and add up to 100 %; agreement (same class, right or wrong) is apart:", "",
+              "| run | token | both right | only token right | only teacher right | neither right | agreement |",
+              "|---|---|---|---|---|---|---|"]
     for r in evaluated:
         agreement = r["eval"].get("token_teacher_agreement") or []
-        lines.append(f"| {r['name']} | {', '.join(f'{a:.1f}' for a in agreement) or '—'} |")
+        split = r["eval"].get("token_teacher_partition") or [None] * len(agreement)
+        if not agreement:
+            lines.append(f"| {r['name']} | — | | | | | |")
+        for i, (a, p) in enumerate(zip(agreement, split)):
+            cells = " | ".join(f"{p[k]:.1f}" for k in PARTS) if p else "not recorded (re-run `libkd evaluate`) | | |"
+            lines.append(f"| {r['name']} | {i} | {cells} | {a:.1f} |")
     return lines
 
 

@@ -475,46 +475,119 @@ def _same_seed(by_run: dict[str, list[dict[str, Any]]], a: str | None, b: str | 
     return [(of_a[r["seed"]], r) for r in by_run[b] if r["seed"] in of_a]
 
 
+NOISE_RULE = ("Verdicts: the margin m (difference of the two runs' means over seeds) against its standard error "
+              "SE = s * sqrt(1/n1 + 1/n2), where s is the seed standard deviation pooled over every run of the study "
+              "with two or more seeds (seed noise is taken to be alike across runs; pooling gives it more degrees of "
+              "freedom than any one run's three seeds). A claim that one run beats another **holds beyond seed noise** "
+              "when m > 2 SE, is **within seed noise** when |m| <= 2 SE and **does not hold** when m < -2 SE. The "
+              "store-vs-online claim (|m| <= 0.5 points) holds beyond seed noise when |m| + 2 SE <= 0.5, does not hold "
+              "when |m| - 2 SE > 0.5, and is within seed noise otherwise. A claim whose runs are missing is **not "
+              "tested** and names them.")
+HOLDS, WITHIN, FAILS, UNTESTED = "holds beyond seed noise", "within seed noise", "does not hold", "not tested"
+
+
+def pooled_sd(by_run: dict[str, list[dict[str, Any]]]) -> tuple[float | None, int]:
+    """(pooled seed standard deviation of top-1 over runs with >= 2 seeds, its degrees of freedom)."""
+    ss, dof = 0.0, 0
+    for rows in by_run.values():
+        if len(rows) > 1:
+            ss += statistics.variance([r["top1"] for r in rows]) * (len(rows) - 1)
+            dof += len(rows) - 1
+    return ((ss / dof) ** 0.5, dof) if dof else (None, 0)
+
+
+def beats(a: list[float], b: list[float], sd: float | None) -> tuple[str, float, float | None]:
+    """(verdict, margin, SE) for the claim 'mean(a) > mean(b)' under the noise rule."""
+    margin = statistics.mean(a) - statistics.mean(b)
+    if sd is None:
+        return UNTESTED, margin, None
+    se = sd * (1 / len(a) + 1 / len(b)) ** 0.5
+    return (HOLDS if margin > 2 * se else FAILS if margin < -2 * se else WITHIN), margin, se
+
+
+def equivalent(a: list[float], b: list[float], sd: float | None, bound: float) -> tuple[str, float, float | None]:
+    """(verdict, margin, SE) for the claim '|mean(a) - mean(b)| <= bound'."""
+    margin = statistics.mean(a) - statistics.mean(b)
+    if sd is None:
+        return UNTESTED, margin, None
+    se = sd * (1 / len(a) + 1 / len(b)) ** 0.5
+    return (HOLDS if abs(margin) + 2 * se <= bound else FAILS if abs(margin) - 2 * se > bound else WITHIN), margin, se
+
+
+def weakest(verdicts: list[str]) -> str:
+    """A claim made of several comparisons is as strong as its weakest one."""
+    for v in (UNTESTED, FAILS, WITHIN):
+        if v in verdicts:
+            return v
+    return HOLDS
+
+
+def _missing(study: Study, names: list[str | None], by_run: dict[str, list[dict[str, Any]]], what: str) -> str | None:
+    """None when every named run has finished; else the 'not tested' line naming what is missing."""
+    absent = [n for n in names if n is None]
+    unfinished = [n for n in names if n is not None and n not in by_run]
+    if not absent and not unfinished:
+        return None
+    parts = ([f"the study has no {what}"] if absent else []) + (
+        [f"not finished: {', '.join(f'{n} ({study.spec[n].seeds} seed(s))' for n in unfinished)}"] if unfinished else [])
+    return "; ".join(parts)
+
+
 def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """The three claims under test, each stated as holding or not with the figures that decide it."""
+    """The method's claims, each with a noise-aware verdict (see NOISE_RULE) and the figures that decide it."""
     roles = _roles(study.cfg)
-    mean = {name: statistics.mean(r["top1"] for r in rows) for name, rows in by_run.items()}
+    top1 = {name: [r["top1"] for r in rows] for name, rows in by_run.items()}
+    sd, dof = pooled_sd(by_run)
+
+    def fmt(name: str) -> str:
+        return f"{name} {statistics.mean(top1[name]):.2f} ({len(top1[name])} seed{'s' if len(top1[name]) > 1 else ''})"
+
+    def figures(verdict: str, margin: float, se: float | None) -> str:
+        return f"m {margin:+.2f}" + (f", 2 SE {2 * se:.2f}" if se is not None else ", no seed spread to judge it")
+
     lines = []
     method = roles.get("method")
-    others = [n for n in [roles.get("baseline"), *roles["singles"]] if n]
-    if method in mean and others and all(n in mean for n in others):
-        worse = [n for n in others if mean[n] >= mean[method]]
-        best = max(others, key=mean.get)
-        spreads = [statistics.stdev(r["top1"] for r in by_run[n]) for n in [method, *others] if len(by_run[n]) > 1]
-        verdict = "holds" if not worse else f"does not hold: {', '.join(worse)} reach at least as much"
-        lines.append(f"- (a) both teachers, one token each, beat every single-teacher student and the student without "
-                     f"teachers: **{verdict}**. Means over seeds: {method} {mean[method]:.2f} vs "
-                     + ", ".join(f"{n} {mean[n]:.2f}" for n in others)
-                     + f"; margin over the best of them ({best}): {mean[method] - mean[best]:+.2f} points"
-                     + (f", largest seed spread among these runs: {max(spreads):.2f}." if spreads else "."))
+    # (a) needs a single-teacher run for every teacher of the method, and the run without teachers.
+    singles = {tuple(study.spec[n].teachers): n for n in roles["singles"]}
+    needed = [roles.get("baseline")] + [singles.get((t,)) for t in study.cfg.teachers]
+    title = "- (a) both teachers, one token each, beat every single-teacher student and the student without teachers"
+    gap = _missing(study, [method, *needed], by_run, "single-teacher run for every teacher" if None in needed[1:] else "such run")
+    if gap:
+        lines.append(f"{title}: **{UNTESTED}**: {gap}.")
     else:
-        lines.append("- (a) method vs single teachers vs no teacher: not all of these runs have finished yet.")
+        parts = [(n, *beats(top1[method], top1[n], sd)) for n in needed]
+        lines.append(f"{title}: **{weakest([p[1] for p in parts])}**. {fmt(method)} against "
+                     + "; ".join(f"{fmt(n)}: {v} ({figures(v, m, se)})" for n, v, m, se in parts) + ".")
+    title = "- (a') one token per teacher beats one token for the teachers' mean"
+    gap = _missing(study, [method, roles.get("mean")], by_run, "mean-token run")
+    if gap:
+        lines.append(f"{title}: **{UNTESTED}**: {gap}.")
+    else:
+        v, m, se = beats(top1[method], top1[roles["mean"]], sd)
+        lines.append(f"{title}: **{v}**: {fmt(method)} against {fmt(roles['mean'])} ({figures(v, m, se)}).")
+    title = "- (b) the store reaches the online accuracy within 0.5 points"
+    gap = _missing(study, [method, roles.get("online")], by_run, "online run")
     pairs = _same_seed(by_run, method, roles.get("online"))
-    if pairs:
-        gap = statistics.mean(o["top1"] - m["top1"] for m, o in pairs)
+    if gap or not pairs:
+        lines.append(f"{title}: **{UNTESTED}**: {gap or 'no seed run in both modes'}.")
+    else:
+        store, online = [m["top1"] for m, _ in pairs], [o["top1"] for _, o in pairs]
+        v, m, se = equivalent(online, store, sd, 0.5)
         cost = statistics.mean(m["train_s"] / o["train_s"] for m, o in pairs)
-        verdict = "holds" if abs(gap) <= 0.5 else "does not hold"
-        lines.append(f"- (b) the store reaches the online accuracy within 0.5 points: **{verdict}**: online minus store "
-                     f"{gap:+.2f} points on the same seed(s); the store run's training time is {cost:.2f}x the online run's.")
-    else:
-        lines.append("- (b) store vs online: not both run yet.")
+        lines.append(f"{title}: **{v}**: online minus store {m:+.2f} points on {len(pairs)} same-seed pair(s)"
+                     + (f" (2 SE {2 * se:.2f})" if se is not None else "")
+                     + f"; the store run's training time is {cost:.2f}x the online run's.")
+    title = "- (c) the naive single-view store is worse than the augmentation-consistent store"
+    gap = _missing(study, [method, roles.get("naive")], by_run, "naive-store run")
     pairs = _same_seed(by_run, method, roles.get("naive"))
-    if pairs:
-        gap = statistics.mean(m["top1"] - n["top1"] for m, n in pairs)
-        verdict = "holds" if gap > 0 else "does not hold"
-        lines.append(f"- (c) the naive single-view store is worse than the augmentation-consistent store: **{verdict}**: "
-                     f"consistent minus naive {gap:+.2f} points on the same seed(s).")
+    if gap or not pairs:
+        lines.append(f"{title}: **{UNTESTED}**: {gap or 'no seed run in both modes'}.")
     else:
-        lines.append("- (c) naive vs consistent store: not both run yet.")
-    if any(len(rows) == 1 for rows in by_run.values()) and any(len(rows) > 1 for rows in by_run.values()):
-        lines += ["", "Runs with one seed have no spread of their own: a difference smaller than the spread of the "
-                      "runs with several seeds is within seed noise."]
-    return lines
+        v, m, se = beats([p["top1"] for p, _ in pairs], [n["top1"] for _, n in pairs], sd)
+        lines.append(f"{title}: **{v}**: consistent minus naive on {len(pairs)} same-seed pair(s): {figures(v, m, se)}.")
+    noise = (f"pooled seed standard deviation s = {sd:.2f} points ({dof} degrees of freedom)" if sd is not None
+             else "no run has two seeds, so seed noise is unknown and no difference can be judged")
+    return lines + ["", f"Seed noise: {noise}. {NOISE_RULE}"]
 
 
 def run_study(path: str | Path, overrides: list[str] | None = None) -> Path:

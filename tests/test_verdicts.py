@@ -1,0 +1,105 @@
+"""Noise-aware verdicts of `libkd study` and the complementarity split of `libkd evaluate` / `libkd report`."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from libkd.evaluate import partition
+from libkd.report import PARTS, full_partition
+from libkd.study import FAILS, HOLDS, UNTESTED, WITHIN, Study, StudyConfig, beats, claims, equivalent, pooled_sd, weakest
+
+TEACHERS = {"conv": {"teacher": {"name": "resnet18"}}, "inv": {"teacher": {"name": "rednet26_cifar"}}}
+RUNS = [{"name": "none", "mode": "none", "seeds": 3}, {"name": "conv", "mode": "store", "teachers": ["conv"], "seeds": 3},
+        {"name": "inv", "mode": "store", "teachers": ["inv"], "seeds": 3},
+        {"name": "both", "mode": "store", "teachers": ["conv", "inv"], "seeds": 3},
+        {"name": "both-mean", "mode": "store", "teachers": ["conv", "inv"], "combine": "mean", "seeds": 3},
+        {"name": "both-online", "mode": "online", "teachers": ["conv", "inv"]},
+        {"name": "both-naive", "mode": "store", "teachers": ["conv", "inv"], "naive_store": True}]
+
+
+def study(runs=RUNS) -> Study:
+    return Study(StudyConfig.model_validate({"teachers": TEACHERS, "runs": runs, "seeds": [0, 1, 2]}))
+
+
+def rows(*top1: float) -> list[dict]:
+    return [{"seed": s, "top1": t, "train_s": 100.0} for s, t in enumerate(top1)]
+
+
+def test_pooled_sd_pools_only_runs_with_several_seeds():
+    sd, dof = pooled_sd({"a": rows(1, 2, 3), "b": rows(10, 12, 14), "c": rows(50)})
+    assert dof == 4 and sd == pytest.approx(((1 * 2 + 4 * 2) / 4) ** 0.5)
+    assert pooled_sd({"c": rows(50)}) == (None, 0)
+
+
+@pytest.mark.parametrize("a, b, verdict", [((52, 52.5, 51.5), (48, 48.5, 47.5), HOLDS),
+                                           ((52, 52.5, 51.5), (51.5, 52, 51), WITHIN),
+                                           ((48, 48.5, 47.5), (52, 52.5, 51.5), FAILS)])
+def test_beats_compares_the_margin_with_two_standard_errors(a, b, verdict):
+    v, margin, se = beats(list(a), list(b), 0.5)
+    assert v == verdict and margin == pytest.approx(statistics.mean(a) - statistics.mean(b))
+    assert se == pytest.approx(0.5 * (2 / 3) ** 0.5)
+
+
+def test_without_any_seed_spread_nothing_is_judged():
+    assert beats([52.0], [40.0], None)[0] == UNTESTED
+
+
+def test_equivalence_needs_the_bound_to_hold_beyond_noise():
+    assert equivalent([52.0] * 3, [52.1] * 3, 0.1, 0.5)[0] == HOLDS  # |m| + 2 SE = 0.1 + 0.16 <= 0.5
+    assert equivalent([52.0], [52.1], 0.6, 0.5)[0] == WITHIN  # 2 SE = 1.7: a 0.5 gap cannot be excluded
+    assert equivalent([52.0] * 3, [50.0] * 3, 0.1, 0.5)[0] == FAILS
+
+
+def test_a_claim_is_as_strong_as_its_weakest_comparison():
+    assert weakest([HOLDS, HOLDS]) == HOLDS and weakest([HOLDS, WITHIN]) == WITHIN
+    assert weakest([WITHIN, FAILS]) == FAILS and weakest([FAILS, UNTESTED]) == UNTESTED
+
+
+def test_claims_with_every_run_made():
+    by_run = {"none": rows(39.5, 39.0, 40.3), "conv": rows(48.0, 49.0, 48.8), "inv": rows(50.1, 51.2, 50.5),
+              "both": rows(52.0, 51.0, 51.1), "both-mean": rows(51.0, 51.6, 51.2), "both-online": rows(52.1),
+              "both-naive": rows(33.4)}
+    text = "\n".join(claims(study(), by_run))
+    assert "(a) both teachers, one token each, beat every single-teacher student and the student without teachers: **within seed noise**" in text
+    assert "none 39.60 (3 seeds): holds beyond seed noise" in text and "inv 50.60 (3 seeds): within seed noise" in text
+    assert "(a') one token per teacher beats one token for the teachers' mean: **within seed noise**" in text
+    assert "(b) the store reaches the online accuracy within 0.5 points: **within seed noise**" in text
+    assert "(c) the naive single-view store is worse than the augmentation-consistent store: **holds beyond seed noise**" in text
+    assert "pooled seed standard deviation" in text and "Verdicts:" in text
+
+
+def test_missing_runs_make_a_claim_not_tested_and_are_named():
+    by_run = {"none": rows(39.5, 39.0, 40.3), "conv": rows(48.0, 49.0, 48.8), "both": rows(52.0, 51.0, 51.1)}
+    text = "\n".join(claims(study(), by_run))
+    assert "(a) both teachers" in text and "**not tested**: not finished: inv (3 seed(s))" in text
+    assert "(a') one token per teacher beats one token for the teachers' mean: **not tested**: not finished: both-mean" in text
+    assert "(b) the store reaches the online accuracy within 0.5 points: **not tested**" in text
+
+
+def test_a_study_without_single_teacher_runs_does_not_claim_to_beat_them():
+    """The digits demo runs only none and both: (a) must not 'hold' over the baseline alone."""
+    demo = study([{"name": "none", "mode": "none"}, {"name": "both", "mode": "store", "teachers": ["conv", "inv"]}])
+    text = "\n".join(claims(demo, {"none": rows(44.7), "both": rows(79.2)}))
+    assert "(a) both teachers" in text and "**not tested**: the study has no single-teacher run for every teacher" in text
+    assert "holds" not in text.split("\n")[0]
+
+
+def test_partition_adds_up_and_keeps_agreement_apart():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    first = torch.tensor([0, 0, 1, 0, 1, 2, 2, 2])   # right on 0, 1, 2, 5
+    second = torch.tensor([0, 1, 1, 0, 2, 1, 2, 2])  # right on 0, 2, 4; wrong on 3 and 6 the same way as first
+    p = partition(first, second, labels)
+    assert sum(p[k] for k in PARTS) == pytest.approx(100.0)
+    assert (p["both_right"], p["only_first_right"], p["only_second_right"], p["neither_right"]) == (25.0, 25.0, 12.5, 37.5)
+    # Agreeing on a wrong class (image 3, 6, 7) counts as agreement, never as right.
+    assert p["agreement"] == 62.5 and p["either_right"] == 62.5
+
+
+def test_the_report_completes_an_old_evaluation_record_into_the_same_split():
+    old = {"agreement": 67.8, "only_first_right": 16.1, "only_second_right": 7.1, "either_right": 76.3}
+    parts = full_partition(old)
+    assert sum(parts[k] for k in PARTS) == pytest.approx(100.0)
+    assert parts["both_right"] == pytest.approx(53.1) and parts["neither_right"] == pytest.approx(23.7)
