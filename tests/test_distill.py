@@ -251,3 +251,17 @@ def test_resume_drops_step_lines_of_unfinished_epochs_and_torn_lines(tmp_path):
     (tmp_path / "steps.jsonl").write_text("\n".join(lines) + '\n{"epoch": 2, "glo')
     _trim_steps(tmp_path, 1)
     assert (tmp_path / "steps.jsonl").read_text().splitlines() == lines[:2]
+
+
+def test_a_kill_before_metrics_were_written_is_mended_and_report_refuses_an_unfinished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    distill(run_config(out, "distill.mode=none"))
+    metrics = out / "metrics.jsonl"
+    full = metrics.read_text()
+    metrics.write_text(full.splitlines(keepends=True)[0])  # killed after the state of epoch 2, before its metrics line
+    assert main(["report", str(out), "--to", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "is unfinished: metrics.jsonl holds 1 of 2 epochs" in err and "Traceback" not in err
+    distill(run_config(out, "distill.mode=none"))  # 'already complete': rewrites the history from the state
+    assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2]
+    assert main(["report", str(out), "--to", str(tmp_path / "r")]) == 0

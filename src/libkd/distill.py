@@ -181,6 +181,8 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         log(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
     if rank == 0:
         _trim_steps(out, start_epoch)
+        if start_epoch:  # the state is the truth: a kill between saving it and metrics.jsonl left the file an epoch short
+            write_history(out, history)
     trained = HeadsOf(model)
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)

@@ -25,10 +25,24 @@ def load_run(folder: str | Path) -> dict[str, Any]:
                          "pass the --out folders of distill runs")
     run = json.loads((folder / "run.json").read_text())
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    planned = _planned_epochs(folder)
+    if not history or [h["epoch"] for h in history] != list(range(1, len(history) + 1)) or (planned and len(history) != planned):
+        raise LibkdError(f"'{folder}' is unfinished: metrics.jsonl holds {len(history)} of {planned or '?'} epochs; finish it "
+                         f"with `libkd distill -c {folder / 'config.yaml'}` (it resumes) or leave it out of the report")
     meta = json.loads((folder / "student.json").read_text())
     evaluation = folder / "student.eval.json"
     return {"name": folder.name, "path": str(folder), "run": run, "history": history, "meta": meta,
             "eval": json.loads(evaluation.read_text()) if evaluation.is_file() else None}
+
+
+def _planned_epochs(folder: Path) -> int | None:
+    """train.epochs from the run's saved config, when it has one."""
+    import yaml
+
+    config = folder / "config.yaml"
+    if not config.is_file():
+        return None
+    return (yaml.safe_load(config.read_text()) or {}).get("train", {}).get("epochs")
 
 
 def _check_comparable(runs: list[dict[str, Any]]) -> None:
