@@ -265,3 +265,34 @@ def test_a_kill_before_metrics_were_written_is_mended_and_report_refuses_an_unfi
     distill(run_config(out, "distill.mode=none"))  # 'already complete': rewrites the history from the state
     assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2]
     assert main(["report", str(out), "--to", str(tmp_path / "r")]) == 0
+
+
+def test_evaluate_defaults_to_the_recorded_teachers_and_refuses_another_order(tmp_path, teachers, stores, capsys):
+    out = tmp_path / "store"
+    distill(run_config(out, "distill.mode=store", f"distill.store={stores['consistent']}", "train.epochs=1"))
+    meta = json.loads((out / "student.json").read_text())
+    assert meta["distill"]["teacher_sha256"] == [json.loads(Path(t + ".json").read_text())["weights_sha256"] for t in teachers]
+    assert meta["distill"]["tau"] == 1.0
+    assert main(["evaluate", str(out / "student")]) == 0  # no --teachers: the two it learned from
+    result = json.loads((out / "student.eval.json").read_text())
+    assert result["teacher_checkpoints"] == teachers and len(result["token_teacher_agreement"]) == 2
+    parts = result["token_teacher_partition"][0]
+    assert sum(parts[k] for k in ("both_right", "only_first_right", "only_second_right", "neither_right")) == pytest.approx(100)
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "student"), "--teachers", *reversed(teachers)]) == 2
+    err = capsys.readouterr().err
+    assert "learned from 2 teacher(s) in this order: resnet18" in err and "token order" in err and "Traceback" not in err
+    assert main(["evaluate", str(out / "student"), "--teachers", teachers[0]]) == 2
+
+
+def test_a_mean_token_is_compared_with_the_teachers_mean_at_its_own_temperature():
+    from libkd.evaluate import score
+
+    labels = torch.tensor([0, 1])
+    # The mean of the teachers' distributions picks class 2 at T=1 and class 1 at T=4.
+    t0 = torch.tensor([[2.0, 3.0, -3.0], [2.0, 3.0, -3.0]])
+    t1 = torch.tensor([[-2.0, -2.0, 1.0], [-2.0, -2.0, 1.0]])
+    token = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # predicts class 1
+    outputs = {"labels": labels, "combined": token, "heads": torch.stack([token, token]), "teachers": torch.stack([t0, t1])}
+    assert score(outputs, ["a", "b", "c"], tau=1.0)["token_teacher_agreement"] == [0.0]
+    assert score(outputs, ["a", "b", "c"], tau=4.0)["token_teacher_agreement"] == [100.0]

@@ -167,6 +167,10 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
                 "train": cfg.train.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS),
                 "distill": cfg.distill.model_dump(mode="json"), "replay": recipe_hash(cfg.replay), "seed": cfg.seed,
                 "inputs": spec}
+    # Recorded for evaluate (which teachers, in token order; the temperature of a mean token), not part of the identity.
+    run.update(tau=cfg.distill.tau, alpha=cfg.distill.alpha,
+               teacher_sha256=[t.meta["weights_sha256"] for t in teachers] if teachers else
+               [manifest["teachers"][i]["weights_sha256"] for i in columns] if manifest else [])
     log = print if rank == 0 else (lambda *a, **k: None)
     ema = None
     if cfg.train.ema_decay:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 
+from libkd import LibkdError
 from libkd.config import DataConfig
 from libkd.data import build_dataset
 from libkd.data.transforms import TransformedDataset, eval_transform
@@ -59,7 +60,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     return 100.0 * metric(logits, labels).item()
 
 
-def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = True) -> dict[str, Any]:
+def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = True, tau: float = 1.0) -> dict[str, Any]:
     """Top-1/top-5 of each head and of the combined prediction and its mean cross-entropy; with ``full``, ECE, per-class accuracy,
     the confusion matrix and, when teachers ran, their accuracy and each head's agreement with them."""
     labels, combined, heads = outputs["labels"], outputs["combined"], outputs["heads"]
@@ -82,8 +83,8 @@ def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = Tru
         tokens = heads[1:]
         if len(tokens) == len(teachers):
             targets = [t.argmax(-1) for t in teachers]
-        elif len(tokens) == 1:  # one token learning the teachers' mean distribution
-            targets = [teachers.softmax(-1).mean(0).argmax(-1)]
+        elif len(tokens) == 1:  # one token learning the teachers' mean distribution at the temperature it was trained at
+            targets = [(teachers / tau).softmax(-1).mean(0).argmax(-1)]
         else:
             targets = []
         result["token_teacher_agreement"] = [100.0 * (h.argmax(-1) == t).float().mean().item() for h, t in zip(tokens, targets)]
@@ -92,6 +93,36 @@ def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = Tru
         if len(teachers) == 2:
             result["teacher_pair"] = partition(teachers[0].argmax(-1), teachers[1].argmax(-1), labels)
     return result
+
+
+def _teachers_for(path: str, meta: dict[str, Any], given: list[str] | None) -> tuple[list[str] | None, str | None]:
+    """The teachers to score with: those given, else those the student recorded when they are all here."""
+    if given:
+        return given, None
+    recorded = (meta.get("distill") or {}).get("teacher_checkpoints") or []
+    if not recorded:
+        return None, None
+    from libkd.models.checkpoint import checkpoint_paths
+
+    absent = [p for p in recorded if not all(f.is_file() for f in checkpoint_paths(p))]
+    if absent:
+        return None, f"the student's teachers are not here ({', '.join(absent)}); pass --teachers to score against them"
+    return list(recorded), None
+
+
+def _check_token_order(path: str, meta: dict[str, Any], teachers: list[Teacher]) -> None:
+    """Teachers given for a distilled student must be the ones its tokens learned from, in token order."""
+    distill = meta.get("distill") or {}
+    names, hashes = distill.get("teachers") or [], distill.get("teacher_sha256") or []
+    if not names:
+        return  # a student trained without teachers: the teachers are only scored beside it
+    mine = [t.meta["arch"]["name"] for t in teachers]
+    mine_sha = [t.meta.get("weights_sha256") for t in teachers]
+    if len(teachers) != len(names) or (hashes and mine_sha != hashes) or (not hashes and mine != names):
+        raise LibkdError(f"student '{path}' learned from {len(names)} teacher(s) in this order: "
+                         + ", ".join(f"{n} ({h[:12]})" if h else n for n, h in zip(names, hashes or [""] * len(names)))
+                         + "; the teachers given are " + ", ".join(f"{n} ({h[:12]})" for n, h in zip(mine, mine_sha))
+                         + ". Pass the student's own teachers in its token order (or no --teachers: the recorded ones are used)")
 
 
 def partition(first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -118,8 +149,13 @@ def evaluate_checkpoint(path: str, data: DataConfig | None = None, teachers: lis
     spec = {"input_size": meta["input_size"], "crop_pct": meta.get("crop_pct", 1.0), "mean": meta["mean"], "std": meta["std"]}
     loader, val = val_loader(data, spec, batch_size)
     check_classes(str(path), meta, val.classes)
+    teachers, note = _teachers_for(path, meta, teachers)
     loaded = load_teachers(teachers, val.classes, device) if teachers else None
-    result = score(collect(model, loader, device, amp, loaded, spec), val.classes)
+    if loaded:
+        _check_token_order(path, meta, loaded)
+    result = score(collect(model, loader, device, amp, loaded, spec), val.classes, tau=(meta.get("distill") or {}).get("tau", 1.0))
+    if note:
+        result["teachers_note"] = note
     result.update({"checkpoint": str(path), "model": meta["arch"]["name"], "classes": val.classes,
                    "teacher_checkpoints": teachers or []})
     return result
