@@ -94,8 +94,11 @@ def test_mean_combination_uses_one_token(tmp_path, stores):
 def test_naive_store_needs_the_explicit_flag_and_is_recorded(tmp_path, stores):
     with pytest.raises(LibkdError, match="one clean view per image.*distill.naive_store=true"):
         distill(run_config(tmp_path / "a", f"distill.store={stores['naive']}"))
-    distill(run_config(tmp_path / "b", f"distill.store={stores['naive']}", "distill.naive_store=true", "train.epochs=1"))
+    distill(run_config(tmp_path / "b", f"distill.store={stores['naive']}", "distill.naive_store=true"))
     assert json.loads((tmp_path / "b" / "run.json").read_text())["naive_store"] is True
+    # The student still sees the stream's 2 views (not view 0 every epoch); only its targets are the clean view's.
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["views"] == 2
+    assert [json.loads(x)["view"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     with pytest.raises(LibkdError, match="augmentation-consistent; drop the flag"):
         distill(run_config(tmp_path / "c", f"distill.store={stores['consistent']}", "distill.naive_store=true"))
 

@@ -116,7 +116,9 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     train, val = load_splits(cfg)
     size, mean, std = view_spec(cfg.data, train)
-    views = manifest["views"] if manifest else cfg.store.views
+    # The student's stream has V views; a naive store holds one clean view, and its read folds every view onto it, so
+    # the naive baseline differs from the consistent store in its targets only, not in augmentation diversity.
+    views = manifest["views"] if manifest and not naive else cfg.store.views
     if mode == "store":
         store = _open_store(cfg, manifest, train, size, mean, std)
         columns = _store_columns(cfg, manifest)
