@@ -67,6 +67,9 @@ def test_every_mode_trains_and_writes_a_checkpoint_evaluate_reads(tmp_path, teac
         steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
         assert [(s["epoch"], s["global_step"]) for s in steps] == [(1, 0), (1, 1), (1, 2), (2, 3), (2, 4), (2, 5)]
         assert all(s["loss"] > 0 and s["lr"] > 0 for s in steps)
+        # The loss's parts, read once per epoch, land in metrics.jsonl: ce, and one KD term per teacher token.
+        parts = [json.loads(x)["loss_parts"] for x in lines]
+        assert all(set(p) == ({"ce"} if mode == "none" else {"ce", "kd0", "kd1"}) and p["ce"] > 0 for p in parts)
         meta = json.loads((out / "student.json").read_text())
         assert meta["distill"]["mode"] == mode and meta["arch"]["kwargs"]["num_teachers"] == (0 if mode == "none" else 2)
     assert main(["evaluate", str(tmp_path / "store" / "student"), "--teachers", *teachers]) == 0
@@ -299,3 +302,35 @@ def test_a_mean_token_is_compared_with_the_teachers_mean_at_its_own_temperature(
     outputs = {"labels": labels, "combined": token, "heads": torch.stack([token, token]), "teachers": torch.stack([t0, t1])}
     assert score(outputs, ["a", "b", "c"], tau=1.0)["token_teacher_agreement"] == [0.0]
     assert score(outputs, ["a", "b", "c"], tau=4.0)["token_teacher_agreement"] == [100.0]
+
+
+def test_a_training_step_waits_for_the_device_once(monkeypatch):
+    """The loss's parts stay tensors; the step reads the loss once (finiteness check and log share it)."""
+    from libkd.config import TrainConfig
+    from libkd.engine import make_scaler, train_one_epoch
+    from libkd.losses import DistillationLoss
+
+    heads = [torch.randn(4, 3, requires_grad=True) for _ in range(3)]
+    y = torch.tensor([0, 1, 2, 0])
+    loss, parts = DistillationLoss(3, 0.5)(heads, y, y, torch.ones(4), [torch.randn(4, 3), torch.randn(4, 3)])
+    assert set(parts) == {"ce", "kd0", "kd1"} and all(isinstance(p, torch.Tensor) and not p.requires_grad for p in parts.values())
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    calls = {"item": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        calls["item"] += 1
+        return real_item(self)
+
+    def step(m, batch):
+        out = m(batch)
+        loss, parts = DistillationLoss(3, 0.5)([out, out, out], y, y, torch.ones(4), [torch.randn(4, 3)] * 2)
+        return loss, len(batch), None, parts
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    stats = train_one_epoch(model, [torch.randn(4, 3)] * 5, step, opt, sched, make_scaler(torch.device("cpu"), "none"),
+                            torch.device("cpu"), TrainConfig(tensorboard=False), desc="t")
+    assert calls["item"] == 5 + 3  # one per step, then the three parts' epoch means
+    assert set(stats["loss_parts"]) == {"ce", "kd0", "kd1"}

@@ -25,7 +25,7 @@ from libkd.config import ExperimentConfig, ReplayConfig, StoreConfig, save_confi
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.distributed import barrier, setup
 from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, save_resume_state, train_one_epoch,
-                          write_history)
+                          worker_init, write_history)
 from libkd.evaluate import collect, score, val_loader
 from libkd.fileio import disk_full_is_an_error, write_json_atomic
 from libkd.losses import DistillationLoss
@@ -149,9 +149,10 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     local_batch = cfg.train.batch_size // world
     loader = torch.utils.data.DataLoader(
         ReplayDataset(augment), sampler=sampler, batch_size=local_batch, drop_last=len(sampler) > local_batch,
-        num_workers=cfg.train.workers, persistent_workers=cfg.train.workers > 0, pin_memory=device.type == "cuda")
+        num_workers=cfg.train.workers, persistent_workers=cfg.train.workers > 0, pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init if cfg.train.workers else None)
     spec = {"input_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std}
-    evaluation, _ = val_loader(cfg.data, spec, cfg.train.eval_batch_size, cfg.seed)
+    evaluation, _ = val_loader(cfg.data, spec, cfg.train.eval_batch_size, cfg.seed, cfg.train.workers)
     steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
@@ -212,8 +213,8 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
             targets = teacher_logits(teachers, images, mean, std, size)
         else:
             targets = []
-        loss, _ = loss_fn(m(images), y, y_partner, lam, targets)
-        return loss, len(images), indices
+        loss, parts = loss_fn(m(images), y, y_partner, lam, targets)
+        return loss, len(images), indices, parts
 
     writer = None
     if cfg.train.tensorboard and rank == 0:

@@ -21,7 +21,14 @@ from libkd.config import TrainConfig
 
 
 # Train settings that change neither the weights nor the stream: a run may resume with other values.
-RESUMABLE_TRAIN_KEYS = {"resume", "workers", "eval_every"}
+# Train settings that change neither the weights nor the stream: a run resumes (and a study reuses it) across them.
+RESUMABLE_TRAIN_KEYS = {"resume", "workers", "eval_every", "tensorboard", "eval_batch_size"}
+
+
+def worker_init(_: int) -> None:
+    """DataLoader workers run one intra-op thread: per-sample ops on small images gain nothing from more, and a
+    worker's threads would compete with the training process for the same cores."""
+    torch.set_num_threads(1)
 
 
 def save_resume_state(state: dict, path: Path) -> None:
@@ -146,7 +153,9 @@ def train_one_epoch(
     """One pass over ``loader``, shared by teacher training and distillation.
 
     ``step_fn(model, batch)`` moves the batch, runs the model (and whatever the loss needs: labels,
-    mixing ratios, teacher targets) under autocast and returns ``(loss, images, sample_ids)``; the
+    mixing ratios, teacher targets) under autocast and returns ``(loss, images, sample_ids)``, or
+    ``(loss, images, sample_ids, parts)`` with the loss's parts as tensors (their epoch means come
+    back as ``loss_parts``, read from the device once per epoch); the
     loop does the rest: backward with ``scaler`` (kept by the caller for resume), clipping,
     the optimiser and scheduler steps, progress and a stop on a non-finite loss that names the
     step and ``sample_ids``. Only ``model`` is put in train mode. With ``step_log``, one record
@@ -154,6 +163,7 @@ def train_one_epoch(
     """
     model.train()
     total_loss, seen, steps = 0.0, 0, 0
+    part_sums: dict[str, torch.Tensor] = {}
     limit = min(cfg.max_steps_per_epoch or len(loader), len(loader))
     start = time.perf_counter()
     # Off a terminal (logs, CI) the bar still reports, every 30 s.
@@ -163,10 +173,11 @@ def train_one_epoch(
         if steps >= limit:
             break
         with autocast(device, cfg.amp):
-            loss, size, ids = step_fn(model, batch)
-        if not torch.isfinite(loss):
+            loss, size, ids, *rest = step_fn(model, batch)
+        value = loss.item()  # the step's one wait for the device: the finiteness check and the log both use it
+        if not math.isfinite(value):
             where = f" (samples {ids[:16].tolist() if hasattr(ids, 'tolist') else ids})" if ids is not None else ""
-            raise LibkdError(f"{desc}: loss became {loss.item()} at step {steps}{where}; nothing of this epoch was saved, "
+            raise LibkdError(f"{desc}: loss became {value} at step {steps}{where}; nothing of this epoch was saved, "
                              "the last epoch's checkpoint is intact. Lower train.lr, set train.clip_grad, or disable train.amp")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -179,7 +190,8 @@ def train_one_epoch(
         scheduler.step()
         if after_step is not None:
             after_step()  # e.g. the weight EMA's update
-        value = loss.item()  # one device sync per step, not one per use
+        for key, part in (rest[0] if rest else {}).items():
+            part_sums[key] = part_sums.get(key, 0.0) + part.float() * size  # stays on the device until the epoch ends
         if step_log is not None:
             step_log.append({"step": steps, "loss": value, "lr": step_lr})
         steps += 1
@@ -189,8 +201,11 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     bar.close()
     elapsed = time.perf_counter() - start
-    return {"train_loss": total_loss / max(1, seen), "images_per_s": seen / elapsed, "train_seconds": elapsed,
-            "lr": optimizer.param_groups[0]["lr"]}
+    stats = {"train_loss": total_loss / max(1, seen), "images_per_s": seen / elapsed, "train_seconds": elapsed,
+             "lr": optimizer.param_groups[0]["lr"]}
+    if part_sums:
+        stats["loss_parts"] = {key: value.item() / max(1, seen) for key, value in part_sums.items()}
+    return stats
 
 
 def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:

@@ -134,11 +134,14 @@ def partition(first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor) -
             "neither_right": share(~a & ~b), "either_right": share(a | b), "agreement": share(first == second)}
 
 
-def val_loader(data: DataConfig, spec: dict[str, Any], batch_size: int, seed: int = 0):
+def val_loader(data: DataConfig, spec: dict[str, Any], batch_size: int, seed: int = 0, workers: int = 0):
     """The validation split under the evaluation transform a checkpoint was trained for."""
+    from libkd.engine import worker_init
+
     val = build_dataset(data, "val", seed=seed)
     transform = eval_transform(spec["input_size"], spec.get("crop_pct", 1.0), spec["mean"], spec["std"])
-    return torch.utils.data.DataLoader(TransformedDataset(val, transform), batch_size=batch_size), val
+    return torch.utils.data.DataLoader(TransformedDataset(val, transform), batch_size=batch_size, num_workers=workers,
+                                       worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0), val
 
 
 def evaluate_checkpoint(path: str, data: DataConfig | None = None, teachers: list[str] | None = None,

@@ -65,10 +65,11 @@ class DistillationLoss:
         self.combine, self.weights, self.smoothing, self.kd_reduction = combine, weights, smoothing, kd_reduction
 
     def __call__(self, heads: list[torch.Tensor], y: torch.Tensor, y_partner: torch.Tensor, lam: torch.Tensor,
-                 teachers: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The total loss and its parts (for logging)."""
+                 teachers: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss and its parts (detached tensors, for logging: reading them is left to the caller, so a
+        training step does not wait for the device once per part)."""
         ce = soft_cross_entropy(heads[0], mixed_targets(y, y_partner, lam, self.num_classes, self.smoothing))
-        parts = {"ce": ce.item()}
+        parts = {"ce": ce.detach()}
         if not teachers:
             return ce, parts
         logps = [teacher_log_probs(t, self.tau) for t in teachers]
@@ -83,6 +84,6 @@ class DistillationLoss:
         kd = torch.zeros((), device=ce.device)
         for t, (head, logp, w) in enumerate(zip(heads[1:], logps, weights)):
             term = kd_term(head, logp, self.kind, self.tau, self.kd_reduction)
-            parts[f"kd{t}"] = term.item()
+            parts[f"kd{t}"] = term.detach()
             kd = kd + w * term
         return (1.0 - self.alpha) * ce + self.alpha * kd, parts

@@ -25,7 +25,7 @@ from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, save_config
 from libkd.data import ImageDataset, build_dataset
 from libkd.data.replay import ReplayAugment, ReplayDataset, library_versions, recipe_hash, replay_probe
 from libkd.distributed import barrier, setup
-from libkd.engine import resolve_device
+from libkd.engine import resolve_device, worker_init
 from libkd.models import teacher_kind
 from libkd.teachers import Teacher, load_teachers, teacher_logits
 from libkd.store.codec import decode, encode, record_dtype
@@ -72,10 +72,6 @@ def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[
         "replay_probe": replay_probe(augment, cfg.store.views),
         "versions": library_versions(),
     }
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # per-sample ops on small images: threads only add overhead
 
 
 def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -141,7 +137,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
                mininterval=0.5 if sys.stderr.isatty() else 30)
     loader = torch.utils.data.DataLoader(
         ReplayDataset(augment), sampler=pairs, batch_size=cfg.store.batch_size, num_workers=cfg.store.workers,
-        worker_init_fn=_worker_init if cfg.store.workers else None, pin_memory=device.type == "cuda")
+        worker_init_fn=worker_init if cfg.store.workers else None, pin_memory=device.type == "cuda")
     pending: dict[int, list[np.ndarray]] = {}
     filled: dict[int, int] = {}
     start_time, images_done, completed = time.perf_counter(), 0, done_before
