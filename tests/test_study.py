@@ -165,12 +165,25 @@ def test_a_fresh_machine_resumes_from_the_committed_results(finished_study, caps
 def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tmp_path, capsys):
     tune = {"holdout": 3, "epochs": 1,  # of the 4 images per class
             "stages": [{"run": "none", "grid": [[{"train.lr": 1e-4}, {"train.lr": 3e-3}]]},
-                       {"run": "both", "grid": [[{"distill.alpha": 0.5}, {"distill.alpha": 0.9}]]}]}
-    config = study_yaml(tmp_path, runs=[{"name": "none", "mode": "none"}, {"name": "both", "mode": "store",
-                                                                         "teachers": ["conv", "inv"]}], seeds=[0], tune=tune)
+                       {"run": "both", "grid": [[{"distill.alpha": 0.5}, {"distill.alpha": 0.9}]]},
+                       # the single-teacher arm gets its own search of the same size; its winner is its own
+                       {"run": "conv", "scope": "run", "grid": [[{"distill.alpha": 0.3}, {"distill.alpha": 0.7}]]}]}
+    runs = [{"name": "none", "mode": "none"}, {"name": "both", "mode": "store", "teachers": ["conv", "inv"]},
+            {"name": "conv", "mode": "store", "teachers": ["conv"]},
+            {"name": "both-fresh", "mode": "online", "teachers": ["conv", "inv"], "fresh_views": True}]
+    config = study_yaml(tmp_path, runs=runs, seeds=[0], tune=tune, store={"views": 1, "shard_size": 32})
     assert main(["study", str(config)]) == 0
     record = json.loads((tmp_path / "results" / "tuning.json").read_text())
-    assert [len(s["trials"]) for s in record["stages"]] == [2, 2]
+    assert [len(s["trials"]) for s in record["stages"]] == [2, 2, 2]
+    conv_alpha = max(record["stages"][2]["trials"], key=lambda t: t["holdout_top1"])["overrides"]["distill.alpha"]
+    assert record["chosen_by_run"] == {"conv": {"distill.alpha": conv_alpha}} and "distill.alpha" in record["chosen"]
+    assert load_config(tmp_path / "study" / "runs" / "conv-s0" / "config.yaml").distill.alpha == conv_alpha
+    # The fresh-view online arm sees a new view every epoch (V = epochs = 2), the store arms the store's one view.
+    assert json.loads((tmp_path / "study" / "runs" / "both-fresh-s0" / "run.json").read_text())["views"] == 2
+    assert json.loads((tmp_path / "study" / "runs" / "both-s0" / "run.json").read_text())["views"] == 1
+    assert [json.loads(x)["view"] for x in (tmp_path / "study" / "runs" / "both-fresh-s0" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    summary = (tmp_path / "results" / "study.md").read_text()
+    assert "| conv (its own) |" in summary and "(b') the store's V fixed views" in summary
     chosen_lr = max(record["stages"][0]["trials"], key=lambda t: t["holdout_top1"])["overrides"]["train.lr"]
     assert record["chosen"]["train.lr"] == chosen_lr
     # Trials train on the training images minus the held-out ones and score on those, never the test split.

@@ -47,6 +47,9 @@ class RunSpec(Section):
     teachers: list[str] = []  # names from the study's teachers, in token order
     combine: Literal["per-token", "mean"] = "per-token"
     naive_store: bool = False  # learn from the single clean-view store (the study's negative control)
+    # A new augmented view every epoch (V = epochs) instead of the store's V views: for online teachers, this
+    # measures what the store's fixed views cost against what online distillation can do.
+    fresh_views: bool = False
     seeds: int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -55,13 +58,17 @@ class RunSpec(Section):
             raise ValueError(f"run '{self.name}': mode none takes no teachers, the other modes need some")
         if self.naive_store and self.mode != "store":
             raise ValueError(f"run '{self.name}': naive_store needs mode store")
+        if self.fresh_views and self.mode == "store":
+            raise ValueError(f"run '{self.name}': fresh_views needs mode online or none (a store holds its V views)")
         return self
 
 
 class TuneStage(Section):
-    """A grid search over one run's settings; the winner's settings hold for the later stages and every run."""
+    """A grid search over one run's settings; the winner's settings hold for the later stages and every run
+    (``scope: all``), or for that run only (``scope: run``: e.g. alpha and tau searched for each arm on its own)."""
 
     run: str  # the name of a run in ``runs``
+    scope: Literal["all", "run"] = "all"
     # Axes of the grid: each a list of choices, a choice being overrides such as {train.lr: 1.0e-3}.
     grid: list[list[dict[str, Any]]]
 
@@ -133,6 +140,7 @@ class Study:
         self.verified: set[str] = set()
         self.results = Path(cfg.results) if cfg.results else None
         self.final_base: ExperimentConfig | None = None  # the base with the search's choices, once known
+        self.chosen_by_run: dict[str, dict[str, Any]] = {}  # choices of the run-scoped stages, per run
 
     @contextmanager
     def timed(self, key: str):
@@ -212,8 +220,9 @@ class Study:
                                                   "naive_store": spec.naive_store, "store": None})
         if spec.mode == "store":
             distill.store = self.store_path(base, seed, spec.naive_store, stores, build)
-        # Runs without a store replay the store's number of views, so every mode sees the same stream.
-        store = base.store.model_copy(update={"views": self.cfg.store.views})
+        # Runs without a store replay the store's number of views, so every mode sees the same stream, unless they
+        # ask for a fresh view every epoch.
+        store = base.store.model_copy(update={"views": base.train.epochs if spec.fresh_views else self.cfg.store.views})
         return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill, "store": store})
 
     def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]:
@@ -232,10 +241,18 @@ class Study:
             write_json_atomic(target, result)
         return final
 
+    def base_for(self, spec: RunSpec) -> ExperimentConfig:
+        """The base a run trains from: the study's base with the search's global choices and the run's own."""
+        assert self.final_base is not None, "the settings search runs first"
+        own = self.chosen_by_run.get(spec.name)
+        return _with(self.final_base, own) if own else self.final_base
+
     def tune(self) -> dict[str, Any]:
-        """Run every stage's grid on the held-out split; returns the chosen overrides (also in tune/tuning.json)."""
+        """Run every stage's grid on the held-out split; returns the chosen overrides (also in tune/tuning.json);
+        the choices of run-scoped stages go to ``chosen_by_run``."""
         tune = self.cfg.tune
         chosen: dict[str, Any] = {}
+        by_run: dict[str, dict[str, Any]] = {}
         record: list[dict[str, Any]] = []
         if tune is None or not tune.stages:
             return chosen
@@ -244,6 +261,7 @@ class Study:
             record = json.loads(landed.read_text())
             if _same_search(record, tune):
                 _log(f"settings search: reusing {landed} (committed by an earlier session): {record['chosen']}")
+                self.chosen_by_run = record.get("chosen_by_run", {})
                 return record["chosen"]
             _log(f"settings search: {landed} searched another grid; searching again")
         for s, stage in enumerate(tune.stages):
@@ -251,7 +269,7 @@ class Study:
             trials = []
             for choice in itertools.product(*stage.grid):
                 overrides = {k: v for part in choice for k, v in part.items()}
-                trial_base = _with(self.base, {**chosen, **overrides, "data.holdout": tune.holdout,
+                trial_base = _with(self.base, {**chosen, **by_run.get(stage.run, {}), **overrides, "data.holdout": tune.holdout,
                                                **({"train.epochs": tune.epochs} if tune.epochs else {})})
                 name = f"stage{s}-{stage.run}-{_short_hash(overrides)}"
                 _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
@@ -260,13 +278,14 @@ class Study:
                     metrics = self.distill_and_evaluate(cfg, evaluate=False)
                 trials.append({"trial": name, "overrides": overrides, "holdout_top1": metrics["val_top1"]})
             best = max(trials, key=lambda t: t["holdout_top1"])  # the first of equals: grid order breaks ties
-            chosen.update(best["overrides"])
-            record.append({"stage": s, "run": stage.run, "trials": trials, "chosen": best["trial"]})
+            (by_run.setdefault(stage.run, {}) if stage.scope == "run" else chosen).update(best["overrides"])
+            record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": best["trial"]})
             _log(f"tuning stage {s}: chose {best['overrides']} (held-out top-1 {best['holdout_top1']:.2f})")
         from libkd.fileio import write_json_atomic
 
         write_json_atomic(self.out / "tune" / "tuning.json", {"holdout": tune.holdout, "epochs": tune.epochs,
-                                                              "stages": record, "chosen": chosen})
+                                                              "stages": record, "chosen": chosen, "chosen_by_run": by_run})
+        self.chosen_by_run = by_run
         return chosen
 
     def planned_runs(self) -> list[tuple[RunSpec, int, str]]:
@@ -293,7 +312,7 @@ class Study:
                  f"{', naive store' if spec.naive_store else ''}): {state}")
             if landed:
                 continue
-            cfg = self.run_config(spec, seed, base, out)
+            cfg = self.run_config(spec, seed, self.base_for(spec), out)
             with self.timed(f"run {name}"):
                 self.distill_and_evaluate(cfg, evaluate=True)
             self.write_results()
@@ -308,7 +327,7 @@ class Study:
         folder = self.results / "runs" / name if self.results else None
         if folder is None or not all((folder / f).is_file() for f in RESULT_FILES):
             return None
-        expected = self.run_config(spec, seed, self.final_base, self.out / "runs" / name, build=False)
+        expected = self.run_config(spec, seed, self.base_for(spec), self.out / "runs" / name, build=False)
         _check_landed(folder, expected, ("seed", "student", "train", "distill", "replay"))
         return folder
 
@@ -375,7 +394,8 @@ def _same_search(record: dict[str, Any], tune: TuneConfig) -> bool:
         return False
     for saved, stage in zip(record["stages"], tune.stages):
         grid = [{k: v for part in choice for k, v in part.items()} for choice in itertools.product(*stage.grid)]
-        if saved["run"] != stage.run or [t["overrides"] for t in saved["trials"]] != json.loads(json.dumps(grid)):
+        if saved["run"] != stage.run or saved.get("scope", "all") != stage.scope or \
+                [t["overrides"] for t in saved["trials"]] != json.loads(json.dumps(grid)):
             return False
     return True
 
@@ -413,7 +433,7 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
              "|---|---|---|---|---|---|---|---|---|---|"]
     for spec in cfg.runs:
         rows = by_run.get(spec.name)
-        mode = spec.mode + (" (naive store)" if spec.naive_store else "")
+        mode = spec.mode + (" (naive store)" if spec.naive_store else "") + (" (fresh views)" if spec.fresh_views else "")
         described = f"| {spec.name} | {mode} | {', '.join(spec.teachers) or '—'} | {spec.combine if spec.teachers else '—'} | "
         if not rows:
             lines.append(described + f"0/{spec.seeds} | not run yet | | | | |")
@@ -440,12 +460,12 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
 
 def tuning_table(record: dict[str, Any]) -> list[str]:
     lines = [f"Held out per class: {record['holdout']}; trial runs of {record['epochs'] or 'the study’s'} epochs. "
-             "Each stage's winner holds for the later stages and for every run.", "",
+             "Each stage's winner holds for the later stages and for every run, or, marked 'its own', for that run only.", "",
              "| stage | run | settings | held-out top-1 | chosen |", "|---|---|---|---|---|"]
     for stage in record["stages"]:
         for t in stage["trials"]:
             settings = ", ".join(f"{k}={v}" for k, v in t["overrides"].items())
-            lines.append(f"| {stage['stage']} | {stage['run']} | {settings} | {t['holdout_top1']:.2f} | "
+            lines.append(f"| {stage['stage']} | {stage['run']}{' (its own)' if stage.get('scope') == 'run' else ''} | {settings} | {t['holdout_top1']:.2f} | "
                          f"{'yes' if t['trial'] == stage['chosen'] else ''} |")
     return lines
 
@@ -458,8 +478,9 @@ def _roles(cfg: StudyConfig) -> dict[str, Any]:
         if r.mode == "none":
             roles["baseline"] = r.name
         elif set(r.teachers) == everyone and r.combine == "per-token" and len(everyone) > 1:
-            key = "naive" if r.naive_store else r.mode
-            roles.setdefault({"store": "method", "online": "online", "naive": "naive"}[key], r.name)
+            key = "naive" if r.naive_store else "online-fresh" if r.fresh_views else r.mode
+            roles.setdefault({"store": "method", "online": "online", "naive": "naive", "online-fresh": "online-fresh"}[key],
+                             r.name)
         elif r.mode == "store" and len(r.teachers) == 1 and not r.naive_store:
             roles["singles"].append(r.name)
         elif r.mode == "store" and r.combine == "mean" and not r.naive_store:
@@ -577,6 +598,15 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
         lines.append(f"{title}: **{v}**: online minus store {m:+.2f} points on {len(pairs)} same-seed pair(s)"
                      + (f" (2 SE {2 * se:.2f})" if se is not None else "")
                      + f"; the store run's training time is {cost:.2f}x the online run's.")
+    title = "- (b') the store's V fixed views cost at most 0.5 points against online teachers on a fresh view every epoch"
+    fresh = roles.get("online-fresh")
+    gap = _missing(study, [method, fresh], by_run, "online run with fresh views (fresh_views: true)")
+    if gap:
+        lines.append(f"{title}: **{UNTESTED}**: {gap}.")
+    else:
+        v, m, se = equivalent(top1[fresh], top1[method], sd, 0.5)
+        lines.append(f"{title}: **{v}**: {fmt(fresh)} against {fmt(method)} (online-fresh minus store {m:+.2f}"
+                     + (f", 2 SE {2 * se:.2f})." if se is not None else ")."))
     title = "- (c) the naive single-view store is worse than the augmentation-consistent store"
     gap = _missing(study, [method, roles.get("naive")], by_run, "naive-store run")
     pairs = _same_seed(by_run, method, roles.get("naive"))
