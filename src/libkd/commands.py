@@ -9,6 +9,11 @@ import time
 from libkd.cli import arg, command, experiment_config
 
 
+def _data_override(args: argparse.Namespace):
+    """The data section from -c/--set when given; None lets a checkpoint's recorded data set stand."""
+    return experiment_config(args).data if (args.config or args.overrides) else None
+
+
 @command(
     "data info",
     help="Print a data set's classes, counts, image size, mean/std and fingerprint.",
@@ -127,7 +132,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     from libkd.evaluate import evaluate_checkpoint
     from libkd.fileio import write_json_atomic
 
-    data = experiment_config(args).data if (args.config or args.overrides) else None
+    data = _data_override(args)
     result = evaluate_checkpoint(args.checkpoint, data, args.teachers, resolve_device(args.device or "cpu"), args.batch_size)
     target = Path(args.json_out or f"{args.checkpoint}.eval.json")
     write_json_atomic(target, result)
@@ -248,7 +253,7 @@ def store_verify(args: argparse.Namespace) -> int:
 def export_cmd(args: argparse.Namespace) -> int:
     from libkd.deploy import describe_command, export_checkpoint
 
-    data = experiment_config(args).data if (args.config or args.overrides) else None
+    data = _data_override(args)
     r = export_checkpoint(args.checkpoint, args.out, args.int8, args.opset, args.calibration, data, args.val_images,
                           args.threads, command=describe_command())
     v = r["validation"]
@@ -312,6 +317,6 @@ def predict_cmd(args: argparse.Namespace) -> int:
 def compare_cmd(args: argparse.Namespace) -> int:
     from libkd.deploy import compare
 
-    data = experiment_config(args).data if (args.config or args.overrides) else None
+    data = _data_override(args)
     print(f"compare: {compare(args.student, args.teachers, args.to, args.threads, args.repeats, args.val_images, tuple(args.int8), args.calibration, data=data)}")
     return 0
