@@ -69,6 +69,21 @@ def pin_threads(threads: int | None) -> int:
     return n
 
 
+def restores_threads(fn):
+    """Run ``fn`` and put PyTorch's thread count back as it was: pinning is for the measurement, not the caller."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -318,6 +333,7 @@ def _mb(path: Path) -> float:
 # --------------------------------------------------------------------------- libkd export
 
 
+@restores_threads
 def export_checkpoint(checkpoint: str, out: str | Path | None = None, int8: str | None = None, opset: int = DEFAULT_OPSET,
                       calibration: int = 256, data: DataConfig | None = None, val_images: int | None = None,
                       threads: int | None = None, batch_size: int = 256, command: str | None = None) -> dict[str, Any]:
@@ -481,6 +497,7 @@ def describe_command(argv: list[str] | None = None) -> str:
 # --------------------------------------------------------------------------- libkd compare
 
 
+@restores_threads
 def compare(student: str, teachers: list[str] | None = None, out: str | Path = "runs/compare", threads: int | None = None,
             repeats: int = 50, val_images: int | None = None, int8: tuple[str, ...] = INT8_MODES, calibration: int = 256,
             batch_size: int = 256, data: DataConfig | None = None, opset: int = DEFAULT_OPSET, command: str | None = None) -> Path:

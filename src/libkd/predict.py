@@ -14,7 +14,7 @@ import torch
 
 from libkd import LibkdError
 from libkd.data.datasets import IMG_EXTENSIONS, CorruptImageError, _decode
-from libkd.deploy import image_transform, load_model_for_inference
+from libkd.deploy import image_transform, load_model_for_inference, restores_threads
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -54,6 +54,7 @@ def _batches(files: list[Path], spec: dict[str, Any], batch_size: int, skipped: 
         yield paths, torch.stack(images)
 
 
+@restores_threads
 @torch.inference_mode()
 def predict(model_path: str, inputs: list[str], top_k: int = 5, batch_size: int = 64, threads: int | None = None,
             int8: bool = False) -> dict[str, Any]:
