@@ -563,7 +563,7 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
     def fmt(name: str) -> str:
         return f"{name} {statistics.mean(top1[name]):.2f} ({len(top1[name])} seed{'s' if len(top1[name]) > 1 else ''})"
 
-    def figures(verdict: str, margin: float, se: float | None) -> str:
+    def figures(margin: float, se: float | None) -> str:
         return f"m {margin:+.2f}" + (f", 2 SE {2 * se:.2f}" if se is not None else ", no seed spread to judge it")
 
     lines = []
@@ -578,14 +578,14 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
     else:
         parts = [(n, *beats(top1[method], top1[n], sd)) for n in needed]
         lines.append(f"{title}: **{weakest([p[1] for p in parts])}**. {fmt(method)} against "
-                     + "; ".join(f"{fmt(n)}: {v} ({figures(v, m, se)})" for n, v, m, se in parts) + ".")
+                     + "; ".join(f"{fmt(n)}: {v} ({figures(m, se)})" for n, v, m, se in parts) + ".")
     title = "- (a') one token per teacher beats one token for the teachers' mean"
     gap = _missing(study, [method, roles.get("mean")], by_run, "mean-token run")
     if gap:
         lines.append(f"{title}: **{UNTESTED}**: {gap}.")
     else:
         v, m, se = beats(top1[method], top1[roles["mean"]], sd)
-        lines.append(f"{title}: **{v}**: {fmt(method)} against {fmt(roles['mean'])} ({figures(v, m, se)}).")
+        lines.append(f"{title}: **{v}**: {fmt(method)} against {fmt(roles['mean'])} ({figures(m, se)}).")
     title = "- (b) the store reaches the online accuracy within 0.5 points"
     gap = _missing(study, [method, roles.get("online")], by_run, "online run")
     pairs = _same_seed(by_run, method, roles.get("online"))
@@ -614,7 +614,7 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
         lines.append(f"{title}: **{UNTESTED}**: {gap or 'no seed run in both modes'}.")
     else:
         v, m, se = beats([p["top1"] for p, _ in pairs], [n["top1"] for _, n in pairs], sd)
-        lines.append(f"{title}: **{v}**: consistent minus naive on {len(pairs)} same-seed pair(s): {figures(v, m, se)}.")
+        lines.append(f"{title}: **{v}**: consistent minus naive on {len(pairs)} same-seed pair(s): {figures(m, se)}.")
     noise = (f"pooled seed standard deviation s = {sd:.2f} points ({dof} degrees of freedom)" if sd is not None
              else "no run has two seeds, so seed noise is unknown and no difference can be judged")
     return lines + ["", f"Seed noise: {noise}. {NOISE_RULE}"]
