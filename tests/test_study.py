@@ -131,17 +131,20 @@ def test_a_killed_study_resumes_the_missing_runs_only(finished_study, capsys):
 
 
 def test_a_fresh_machine_resumes_from_the_committed_results(finished_study, capsys):
-    """runs/ is not committed: with OUT gone, the teachers are retrained (and must be the committed ones), and the
-    search and the finished runs come from results/."""
+    """runs/ is not committed: with OUT gone, the teachers come from results/ (weights and all, not retrained), and
+    the search and the finished runs too."""
     tmp_path, config = finished_study
     import shutil
 
     (tmp_path / "study").rename(tmp_path / "study-elsewhere")
     try:
-        assert not (tmp_path / "results" / "teachers" / "conv" / "teacher.safetensors").exists()  # sidecars only
+        committed = tmp_path / "results" / "teachers" / "conv" / "teacher.safetensors"
+        assert committed.read_bytes() == (tmp_path / "study-elsewhere" / "teachers" / "conv" / "teacher.safetensors").read_bytes()
         assert main(["study", str(config)]) == 0
         out = capsys.readouterr().out
         assert out.count("committed by an earlier session") == 8 and "running" not in out
+        assert out.count("using the committed weights") == 2 and "epoch 1/1" not in out  # no teacher trained again
+        assert not (tmp_path / "study" / "teachers" / "conv" / "last_state.pt").exists()
         assert not (tmp_path / "study" / "runs").exists()
         assert "| both | store | conv, inv | per-token | 2/2 |" in (tmp_path / "results" / "study.md").read_text()
         # A landed run made with other settings is refused by name, not silently reused.
@@ -150,13 +153,31 @@ def test_a_fresh_machine_resumes_from_the_committed_results(finished_study, caps
         assert main(["study", str(config)]) == 2
         assert "train.lr" in capsys.readouterr().err
         landed.write_text(landed.read_text().replace("lr: 0.002", "lr: 0.001"))
-        # A teacher retrained into other weights than the committed runs learned from is refused.
-        sidecar = tmp_path / "results" / "teachers" / "inv" / "teacher.json"
+        # Committed weights that are not the ones their sidecar names (a partial copy, an LFS pointer) are refused.
+        weights = committed.read_bytes()
+        shutil.rmtree(tmp_path / "study" / "teachers" / "conv")
+        committed.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+        assert main(["study", str(config)]) == 2
+        assert "does not match the sha256 in its teacher.json" in capsys.readouterr().err
+        committed.write_bytes(weights)
+        # A teacher trained here into other weights than the committed ones is refused, not overwritten.
+        sidecar = tmp_path / "study" / "teachers" / "inv" / "teacher.json"
         record = json.loads(sidecar.read_text())
         sidecar.write_text(json.dumps({**record, "weights_sha256": "0" * 64}))
         assert main(["study", str(config)]) == 2
-        assert "teacher 'inv' trained here has weights" in capsys.readouterr().err
+        assert "delete" in (err := capsys.readouterr().err) and "to use the committed one" in err
         sidecar.write_text(json.dumps(record))
+        # An older study committed only the sidecars: the teachers are retrained and must come out the same.
+        for name in ("conv", "inv"):
+            (tmp_path / "results" / "teachers" / name / "teacher.safetensors").unlink()
+        shutil.rmtree(tmp_path / "study" / "teachers")
+        record = json.loads((tmp_path / "results" / "teachers" / "inv" / "teacher.json").read_text())
+        (tmp_path / "results" / "teachers" / "inv" / "teacher.json").write_text(json.dumps({**record, "weights_sha256": "0" * 64}))
+        assert main(["study", str(config)]) == 2
+        assert "teacher 'inv' trained here has weights" in capsys.readouterr().err
+        (tmp_path / "results" / "teachers" / "inv" / "teacher.json").write_text(json.dumps(record))
+        assert main(["study", str(config)]) == 0  # retrained to the same weights: they are committed again
+        assert committed.read_bytes() == weights
     finally:
         shutil.rmtree(tmp_path / "study")
         (tmp_path / "study-elsewhere").rename(tmp_path / "study")

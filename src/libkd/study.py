@@ -29,6 +29,8 @@ from libkd.config import (AugmentConfig, ExperimentConfig, ModelConfig, Section,
 
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
 TEACHER_FILES = ("teacher.json", "metrics.jsonl", "config.yaml")
+TEACHER_WEIGHTS = "teacher.safetensors"
+COMMIT_WEIGHTS_MAX_BYTES = 20 * 2**20  # a teacher this small goes into git with the results; a larger one is retrained
 
 
 class TeacherSpec(Section):
@@ -164,29 +166,65 @@ class Study:
         return str(self.out / "teachers" / name / "teacher")
 
     def train_teachers(self) -> None:
+        """Train each teacher, or take the one an earlier session committed to ``results`` (weights and all), so a
+        fresh machine learns from the very teachers the committed runs learned from instead of retraining them."""
         from libkd.train_teacher import train_teacher
 
         for name, spec in self.cfg.teachers.items():
             teacher_cfg = self.base.model_copy(update={"teacher": spec.teacher, "augment": spec.augment, "train": spec.train,
                                                        "seed": self.cfg.seeds[0], "out": str(self.out / "teachers" / name)})
             folder = Path(teacher_cfg.out)
+            landed = self.results / "teachers" / name if self.results else None
+            if landed is not None and (landed / TEACHER_WEIGHTS).is_file():
+                self._take_committed_teacher(name, teacher_cfg, landed)
+                continue
             _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
             with self.timed(f"teacher {name}"):
                 train_teacher(teacher_cfg)
-            if self.results:  # the sidecar (weights' sha256), not the weights: retraining must give these very teachers
-                landed = self.results / "teachers" / name
-                mine = json.loads((folder / "teacher.json").read_text())["weights_sha256"]
-                if (landed / "teacher.json").is_file():
-                    theirs = json.loads((landed / "teacher.json").read_text())["weights_sha256"]
-                    if mine != theirs:
-                        raise LibkdError(
-                            f"teacher '{name}' trained here has weights {mine[:16]}, not the {theirs[:16]} of the teacher the "
-                            f"committed runs in '{self.results}' learned from (another CPU or thread count rounds differently). "
-                            f"Mixing them would compare students of different teachers: copy the original '{folder}' here, "
-                            f"or delete '{self.results}' to redo the study with these teachers")
-                landed.mkdir(parents=True, exist_ok=True)
-                for item in TEACHER_FILES:
-                    shutil.copy2(folder / item, landed / item)
+            if landed is None:
+                continue
+            mine = json.loads((folder / "teacher.json").read_text())["weights_sha256"]
+            if (landed / "teacher.json").is_file():  # committed without its weights (too large, or an older study)
+                theirs = json.loads((landed / "teacher.json").read_text())["weights_sha256"]
+                if mine != theirs:
+                    raise LibkdError(
+                        f"teacher '{name}' trained here has weights {mine[:16]}, not the {theirs[:16]} of the teacher the "
+                        f"committed runs in '{self.results}' learned from (another CPU or thread count rounds differently). "
+                        f"Mixing them would compare students of different teachers: copy the original '{folder}' here, "
+                        f"or delete '{self.results}' to redo the study with these teachers")
+            landed.mkdir(parents=True, exist_ok=True)
+            for item in TEACHER_FILES:
+                shutil.copy2(folder / item, landed / item)
+            size = (folder / TEACHER_WEIGHTS).stat().st_size
+            if size <= COMMIT_WEIGHTS_MAX_BYTES:
+                shutil.copy2(folder / TEACHER_WEIGHTS, landed / TEACHER_WEIGHTS)
+            else:
+                _log(f"teacher '{name}': weights of {size / 2**20:.0f} MiB are not copied to '{landed}' (over "
+                     f"{COMMIT_WEIGHTS_MAX_BYTES // 2**20} MiB); another machine must retrain it to the same weights")
+
+    def _take_committed_teacher(self, name: str, teacher_cfg: ExperimentConfig, landed: Path) -> None:
+        """Use the teacher committed in ``landed`` (checked against this study's settings and its own checksum)."""
+        from libkd.fileio import sha256_file
+
+        folder = Path(teacher_cfg.out)
+        _check_landed(landed, teacher_cfg, ("seed", "teacher", "augment", "train", "data"))
+        record = json.loads((landed / "teacher.json").read_text())
+        theirs = record["weights_sha256"]
+        if sha256_file(landed / TEACHER_WEIGHTS) != theirs:
+            raise LibkdError(f"'{landed / TEACHER_WEIGHTS}' does not match the sha256 in its teacher.json (a partial "
+                             f"copy, or a Git LFS pointer: run `git lfs pull`); restore it from git")
+        if (folder / "teacher.json").is_file():
+            mine = json.loads((folder / "teacher.json").read_text())["weights_sha256"]
+            if mine == theirs:
+                _log(f"teacher '{name}': the committed one ({theirs[:16]}) is already in '{folder}'")
+                return
+            raise LibkdError(f"'{folder}' holds a teacher '{name}' with weights {mine[:16]}, not the {theirs[:16]} committed "
+                             f"in '{landed}' that the study's runs learned from; delete '{folder}' to use the committed one")
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in (*TEACHER_FILES, TEACHER_WEIGHTS):
+            shutil.copy2(landed / item, folder / item)
+        _log(f"teacher '{name}': using the committed weights {theirs[:16]} from '{landed}' "
+             f"(val top-1 {record.get('metrics', {}).get('val_top1', float('nan')):.2f}), not retraining")
 
     def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores", build: bool = True) -> str:
         """Where the store for these data, recipe and seed lives (built and verified on first use when ``build``)."""
