@@ -372,3 +372,31 @@ def test_store_targets_are_the_online_targets_of_the_same_samples_step_by_step(t
             torch.testing.assert_close(s, o, atol=1e-3 * o.abs().max().item(), rtol=1e-3)  # fp16 rounding
             # The test can fail: the targets of two different samples differ by far more than fp16 rounding.
             assert (o - o.roll(1, 0)).abs().max() > 100 * (s - o).abs().max()
+
+
+def test_the_store_is_read_in_the_loader_workers(tmp_path, stores, monkeypatch):
+    """With train.workers > 0 the training loop never touches the store: the loader's workers read each batch's targets
+    beside its augmentation (and the batch is the same as when the main process reads it)."""
+    from libkd.store import LogitStore
+
+    calls = []
+    real = LogitStore.read
+    monkeypatch.setattr(LogitStore, "read", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    common = ["train.epochs=1", "train.max_steps_per_epoch=2", f"distill.store={stores['consistent']}"]
+    in_main = distill(run_config(tmp_path / "w0", "train.workers=0", *common))
+    assert len(calls) >= 2  # a read per batch, here in this process
+    calls.clear()
+    in_workers = distill(run_config(tmp_path / "w1", "train.workers=1", *common))
+    assert calls == []  # the patch counts this process only: the worker read every batch
+    assert in_workers["train_loss"] == pytest.approx(in_main["train_loss"], rel=1e-6)
+
+
+def test_a_topk_store_is_read_at_the_runs_temperature_and_refuses_one_it_lacks(tmp_path, teachers):
+    store = tmp_path / "topk"
+    precompute(load_config(None, DATA + ["store.views=2", "store.shard_size=16", f"store.path={store}", "store.encoding=topk",
+                                         "store.topk=2", "store.topk_taus=[2.0]", f"store.teachers=[{', '.join(teachers)}]"]))
+    common = ["train.epochs=1", "train.max_steps_per_epoch=1", f"distill.store={store}"]
+    with pytest.raises(LibkdError, match=r"not at distill.tau=3.0: rebuild it with store.topk_taus including 3.0"):
+        distill(run_config(tmp_path / "t3", "distill.tau=3.0", *common))
+    assert not (tmp_path / "t3" / "metrics.jsonl").exists()  # refused before the first step
+    assert distill(run_config(tmp_path / "t2", "distill.tau=2.0", *common))["train_loss"] > 0

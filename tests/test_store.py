@@ -125,7 +125,7 @@ def test_topk_store_reads_log_probabilities(tmp_path, teachers):
     logp = store.read(np.arange(10), 1)[0]
     assert logp.shape == (10, 4)
     torch.testing.assert_close(logp.exp().sum(1), torch.ones(10), atol=2e-3, rtol=0)
-    assert store.manifest["record_bytes"] == 2 * 2 + 2 * 2 + 4
+    assert store.manifest["record_bytes"] == 2 * 2 + 2 * 2 + 4 + 4 * 3  # tails at the default T = 2, 3, 4
 
 
 def test_verify_passes_then_catches_a_tampered_record(tmp_path, teachers, capsys):
@@ -439,3 +439,42 @@ def test_logit_store_is_cheap_to_pickle_and_works_in_spawned_workers(tmp_path):
     loader = torch.utils.data.DataLoader(_StoreReader(store), batch_size=8, num_workers=1, multiprocessing_context="spawn")
     rows = torch.cat(list(loader))
     assert torch.equal(rows[:, 0], torch.arange(40, dtype=rows.dtype))
+
+
+def test_topk_tails_are_exact_at_every_stored_temperature():
+    """Decoding at T keeps the top-k part and the tail's total of the tempered distribution exact (only the split of
+    the tail among its classes is lost); spreading the T=1 tail evenly and then tempering inflates it."""
+    num_classes, k, taus = 100, 10, [2.0, 3.0, 4.0]
+    logits = torch.randn(64, num_classes, generator=torch.Generator().manual_seed(0)) * 3
+    records = encode(logits, "topk", k, taus)
+    assert records.dtype.itemsize == record_dtype("topk", num_classes, k).itemsize + 4 * len(taus)
+    top = logits.topk(k, 1).indices
+    for tau in (1.0, *taus):
+        full = torch.softmax(logits / tau, 1)
+        exact = torch.softmax(decode(records, num_classes, tau, taus) / tau, 1)
+        spread = torch.softmax(decode(records[["values", "indices", "log_rest"]], num_classes) / tau, 1)  # no tails kept
+        torch.testing.assert_close(exact.gather(1, top), full.gather(1, top), atol=2e-3, rtol=2e-3)  # fp16 values
+        torch.testing.assert_close(exact.sum(1), torch.ones(64))
+        kl_exact = (full * (full.log() - exact.log())).sum(1).mean().item()
+        kl_spread = (full * (full.log() - spread.log())).sum(1).mean().item()
+        tail = full.sum(1) - full.gather(1, top).sum(1)
+        torch.testing.assert_close(exact.sum(1) - exact.gather(1, top).sum(1), tail, atol=2e-3, rtol=2e-3)
+        if tau > 1:  # the even T=1 spread, tempered, inflates the tail and is further from the truth
+            assert (spread.sum(1) - spread.gather(1, top).sum(1) - tail).min() > 0.01
+            assert kl_exact < 0.95 * kl_spread, (tau, kl_exact, kl_spread)
+    with pytest.raises(LibkdError, match=r"not at distill.tau=2.5.*store.topk_taus"):
+        decode(records, num_classes, 2.5, taus)
+
+
+def test_topk_store_keeps_tempered_tails_and_verifies_them(tmp_path, teachers):
+    cfg = config(tmp_path, teachers, "store.encoding=topk", "store.topk=2", "store.topk_taus=[3.0]")
+    precompute(cfg)
+    store = LogitStore(cfg.store.path)
+    assert store.taus == [3.0] and store.manifest["record_bytes"] == 2 * 2 + 2 * 2 + 4 + 4
+    at3 = store.read(np.arange(10), 1, tau=3.0)[0]
+    torch.testing.assert_close(torch.softmax(at3 / 3, 1).sum(1), torch.ones(10))
+    assert verify_store(cfg.store.path, 8)["checked_records"] == 16
+    # A store with other tails is another store: the run that expects them is refused by name.
+    other = config(tmp_path, teachers, "store.encoding=topk", "store.topk=2", "store.topk_taus=[2.0]")
+    with pytest.raises(StoreError, match="topk_taus"):
+        precompute(other)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from libkd import LibkdError
 
@@ -112,6 +112,9 @@ class StoreConfig(Section):
     views: int = Field(4, ge=1)
     encoding: Literal["fp16", "topk"] = "fp16"
     topk: int = Field(10, ge=1)
+    # Temperatures (besides 1) at which a top-k store keeps each record's tail mass, 4 bytes each: distill.tau
+    # must be 1 or one of them (the tail's tempered mass is exact only at a stored temperature).
+    topk_taus: list[PositiveFloat] = [2.0, 3.0, 4.0]
     shard_size: int = Field(2048, ge=1)
     batch_size: int = Field(256, ge=1)
     workers: int = Field(0, ge=0)

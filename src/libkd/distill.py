@@ -15,9 +15,11 @@ epoch: loss parts, top-1 of every head and of the combination), ``config.yaml``,
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from libkd import LibkdError
@@ -79,7 +81,8 @@ def _open_store(cfg: ExperimentConfig, m: dict[str, Any], train, size: int, mean
         check_classes(p, meta, train.classes)
     as_built = cfg.model_copy(update={
         "seed": m["augmentation"]["seed"], "replay": ReplayConfig.model_validate(m["replay"]),
-        "store": StoreConfig(views=m["views"], encoding=m["encoding"], topk=m["topk"] or 10, shard_size=m["shard_size"])})
+        "store": StoreConfig(views=m["views"], encoding=m["encoding"], topk=m["topk"] or 10,
+                             topk_taus=m.get("topk_taus") or [], shard_size=m["shard_size"])})
     expected = store_identity(as_built, train, metas, size, mean, std)
     return LogitStore(path, expected=expected)
 
@@ -122,6 +125,12 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     if mode == "store":
         store = _open_store(cfg, manifest, train, size, mean, std)
         columns = _store_columns(cfg, manifest)
+        if manifest["encoding"] == "topk" and cfg.distill.kind == "soft" and cfg.distill.tau != 1.0:
+            store.read(np.zeros(1, dtype=np.int64), 0, columns[:1], cfg.distill.tau)  # an unstored tau fails now, not mid-run
+            if not store.taus:
+                print(f"note: this top-k store predates tempered tails: at distill.tau={cfg.distill.tau} its targets spread "
+                      "the T=1 tail evenly and then temper it, which inflates the tail (see the README's store section); "
+                      "rebuild it with `libkd precompute` for exact tempered tails", file=sys.stderr)
         teacher_names = [manifest["teachers"][i]["name"] for i in columns]
         kinds = [manifest.get("teacher_kinds", [])[i] for i in columns] if manifest.get("teacher_kinds") else []
     elif mode == "online":
@@ -150,7 +159,8 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(
         ReplayDataset(augment), sampler=sampler, batch_size=local_batch, drop_last=len(sampler) > local_batch,
         num_workers=cfg.train.workers, persistent_workers=cfg.train.workers > 0, pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init if cfg.train.workers else None)
+        worker_init_fn=worker_init if cfg.train.workers else None,
+        collate_fn=WithStoredTargets(store, columns, cfg.distill.tau) if store is not None else None)
     spec = {"input_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std}
     evaluation, _ = val_loader(cfg.data, spec, cfg.train.eval_batch_size, cfg.seed, cfg.train.workers)
     steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
@@ -204,11 +214,11 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
           f"{len(train)} train / {len(val)} val images, {size} px, {views} view(s), {device}")
 
     def step(m: torch.nn.Module, batch) -> tuple[torch.Tensor, int, Any]:
-        images, y, y_partner, lam, indices, batch_views = batch
+        images, y, y_partner, lam, indices = batch[:5]
         images = images.to(device, non_blocking=True)
         y, y_partner, lam = y.to(device), y_partner.to(device), lam.to(device)
-        if store is not None:
-            targets = [t.to(device) for t in store.read(indices.numpy(), int(batch_views[0]), columns)]
+        if store is not None:  # read by the loader (in its workers when there are any), pinned for the copy
+            targets = [t.to(device, non_blocking=True) for t in batch[6]]
         elif teachers:
             targets = teacher_logits(teachers, images, mean, std, size)
         else:
@@ -253,6 +263,19 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     return history[-1] if history else {}
+
+
+class WithStoredTargets:
+    """A DataLoader collate that adds the store's targets for the batch's samples and view, so the store is read in
+    the loader's workers (beside the augmentation) instead of in the training loop."""
+
+    def __init__(self, store: LogitStore, columns: list[int], tau: float):
+        self.store, self.columns, self.tau = store, columns, tau
+
+    def __call__(self, samples: list) -> tuple:
+        batch = torch.utils.data.default_collate(samples)
+        indices, views = batch[4], batch[5]
+        return (*batch, self.store.read(indices.numpy(), int(views[0]), self.columns, self.tau))
 
 
 def _trim_steps(out: Path, epochs_done: int) -> None:

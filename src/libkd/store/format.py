@@ -27,6 +27,7 @@ FORMAT = "libkd-store/1"
 # Manifest fields that must match between a store and the run that uses (or resumes) it.
 IDENTITY_FIELDS = ("dataset", "teachers", "augmentation", "image_size", "crop_pct", "mean", "std", "views", "encoding", "topk",
                    "shard_size", "replay_probe")
+OPTIONAL_IDENTITY_FIELDS = ("topk_taus",)  # compared too, absent (None) in stores of older libkd versions
 
 
 class StoreError(LibkdError):
@@ -84,6 +85,9 @@ def identity_differences(stored: dict[str, Any], expected: dict[str, Any]) -> li
                     problems.append(f"{key} {field}: store has {_short(stored[key].get(field))}, this run has {_short(expected[key].get(field))}")
         else:
             problems.append(f"{key}: store has {_short(stored.get(key))}, this run has {_short(expected[key])}")
+    for key in OPTIONAL_IDENTITY_FIELDS:
+        if stored.get(key) != expected.get(key):
+            problems.append(f"{key}: store has {_short(stored.get(key))}, this run has {_short(expected.get(key))}")
     return problems
 
 
@@ -110,7 +114,8 @@ class LogitStore:
         self.views, self.shard_size = m["views"], m["shard_size"]
         self.num_samples, self.num_classes = m["dataset"]["num_samples"], m["dataset"]["num_classes"]
         self.num_teachers = len(m["teachers"])
-        self.dtype = record_dtype(m["encoding"], self.num_classes, m["topk"] or 0)
+        self.taus: list[float] = m.get("topk_taus") or []  # absent from stores built before tempered tails
+        self.dtype = record_dtype(m["encoding"], self.num_classes, m["topk"] or 0, len(self.taus))
         self.max_open = max_open
         for entry in m["shards"]:  # existence, size (and checksum) now; the files open lazily on first read
             for t in range(self.num_teachers):
@@ -177,11 +182,11 @@ class LogitStore:
             out[mask] = self._shard(teacher, int(shard))[v, indices[mask] - shard * self.shard_size]
         return out
 
-    def read(self, indices: np.ndarray, view: int, teachers: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """Decoded outputs (B, C) of each teacher (or of those at ``teachers``): logits (fp16 store) or
-        log-probabilities (top-k)."""
+    def read(self, indices: np.ndarray, view: int, teachers: Sequence[int] | None = None, tau: float = 1.0) -> list[torch.Tensor]:
+        """Decoded outputs (B, C) of each teacher (or of those at ``teachers``) for a loss at temperature ``tau``:
+        logits (fp16 store), or for top-k outputs whose ``softmax(x / tau)`` is the tempered distribution."""
         picked = range(self.num_teachers) if teachers is None else teachers
-        return [decode(self.records(indices, view, t), self.num_classes) for t in picked]
+        return [decode(self.records(indices, view, t), self.num_classes, tau, self.taus) for t in picked]
 
     def nbytes(self) -> int:
         return sum(f["bytes"] for entry in self.manifest["shards"] for f in entry["files"].values())

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from libkd import LibkdError, __version__
-from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, save_config
+from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, StoreConfig, save_config
 from libkd.data import ImageDataset, build_dataset
 from libkd.data.replay import ReplayAugment, ReplayDataset, library_versions, recipe_hash, replay_probe
 from libkd.distributed import barrier, setup
@@ -50,6 +50,13 @@ def view_spec(data: DataConfig, dataset: ImageDataset) -> tuple[int, list[float]
     return size, list(mean), list(std)
 
 
+def topk_taus(store: StoreConfig) -> list[float] | None:
+    """The temperatures other than 1 whose tail masses a top-k store keeps (None for fp16, or when there are none)."""
+    if store.encoding != "topk":
+        return None
+    return sorted({float(t) for t in store.topk_taus if t != 1.0}) or None
+
+
 def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[Teacher] | list[dict[str, Any]], size: int,
                    mean: list[float], std: list[float]) -> dict[str, Any]:
     """The manifest fields that say what a store was built from (compared on resume and on use).
@@ -68,6 +75,7 @@ def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[
         "image_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std,
         "views": cfg.store.views, "encoding": cfg.store.encoding,
         "topk": cfg.store.topk if cfg.store.encoding == "topk" else None,
+        "topk_taus": topk_taus(cfg.store),
         "shard_size": cfg.store.shard_size,
         "replay_probe": replay_probe(augment, cfg.store.views),
         "versions": library_versions(),
@@ -96,7 +104,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     size, mean, std = view_spec(cfg.data, dataset)
     identity = store_identity(cfg, dataset, teachers, size, mean, std)
     num_shards = math.ceil(len(dataset) / cfg.store.shard_size)
-    dtype = record_dtype(cfg.store.encoding, dataset.num_classes, cfg.store.topk)
+    dtype = record_dtype(cfg.store.encoding, dataset.num_classes, cfg.store.topk, len(topk_taus(cfg.store) or ()))
 
     manifest_path = root / "manifest.json"
     if manifest_path.is_file():
@@ -143,7 +151,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     start_time, images_done, completed = time.perf_counter(), 0, done_before
     for images, _, _, _, indices, batch_views in loader:
         images = images.to(device, non_blocking=True)
-        records = [encode(logits, cfg.store.encoding, cfg.store.topk) for logits in teacher_logits(teachers, images, mean, std, size)]
+        records = [encode(logits, cfg.store.encoding, cfg.store.topk, topk_taus(cfg.store) or ()) for logits in teacher_logits(teachers, images, mean, std, size)]
         indices, batch_views = indices.numpy(), batch_views.numpy()
         for shard in np.unique(indices // shard_size):
             rows = np.flatnonzero(indices // shard_size == shard)
@@ -233,16 +241,19 @@ def verify_store(root: str | Path, samples: int, device: str = "cpu", seed: int 
     with torch.inference_mode():
         for t, fresh in enumerate(teacher_logits(teachers, images, m["mean"], m["std"], m["image_size"])):
             fresh = fresh.float().cpu()
-            expected = decode(encode(fresh, m["encoding"], m["topk"] or 0), store.num_classes)
-            for row, (i, v) in enumerate(picks):
-                stored = decode(store.records(np.array([i]), v, t), store.num_classes)[0]
-                finite = torch.isfinite(expected[row])
-                diff = (stored[finite] - expected[row][finite]).abs().max().item()
-                # fp16 keeps 11 significant bits; allow two fp16 steps at the value's magnitude.
-                tol = 2 * 2.0**-10 * max(1.0, expected[row][finite].abs().max().item())
-                worst = max(worst, diff)
-                if diff > tol or not torch.equal(finite, torch.isfinite(stored)):
-                    mismatches.append(f"sample {i} view {v} teacher {t} (max diff {diff:.4g})")
+            records = encode(fresh, m["encoding"], m["topk"] or 0, store.taus)
+            for tau in (1.0, *store.taus):  # a top-k record's tempered tails too
+                expected = decode(records, store.num_classes, tau, store.taus)
+                for row, (i, v) in enumerate(picks):
+                    stored = decode(store.records(np.array([i]), v, t), store.num_classes, tau, store.taus)[0]
+                    finite = torch.isfinite(expected[row])
+                    diff = (stored[finite] - expected[row][finite]).abs().max().item()
+                    # fp16 keeps 11 significant bits; allow two fp16 steps at the value's magnitude.
+                    tol = 2 * 2.0**-10 * max(1.0, expected[row][finite].abs().max().item())
+                    worst = max(worst, diff)
+                    if diff > tol or not torch.equal(finite, torch.isfinite(stored)):
+                        mismatches.append(f"sample {i} view {v} teacher {t}{f' at T={tau:g}' if tau != 1 else ''} "
+                                          f"(max diff {diff:.4g})")
     if mismatches:
         raise StoreError(f"{len(mismatches)} of {samples * len(teachers)} recomputed records differ from the store: "
                          + "; ".join(mismatches[:5]) + ". The store is stale or tampered with; rebuild it")
