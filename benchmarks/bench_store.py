@@ -4,10 +4,13 @@
 2. the cost of reading a training batch (128 records, every teacher) against one training step
    of the CIFAR student;
 3. bytes per sample per view per teacher (fp16, top-k 5 and 10, at 10/100/1000 classes) and the
-   top-k reconstruction error KL(full || decoded) at 1000 classes.
+   top-k reconstruction error KL(full || decoded) at 1000 classes, at T = 1 and at the default
+   stored temperatures (2, 3, 4), with the tails kept at T and with the T=1 tail spread then
+   tempered (what stores without ``topk_taus`` give).
 
     .venv/bin/python benchmarks/bench_store.py \
         --teachers runs/cifar10-resnet-teacher/teacher runs/cifar10-rednet-teacher/teacher
+    .venv/bin/python benchmarks/bench_store.py --codec-only   # part 3 alone: no teachers, no timing
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from libkd.config import load_config
+from libkd.config import StoreConfig, load_config
 from libkd.models import create_model
 from libkd.store import LogitStore, decode, encode, record_dtype
 from libkd.store.precompute import load_teachers, precompute, view_spec
@@ -72,34 +75,53 @@ def read_seconds(store: LogitStore, batch: int, reps: int = 300) -> float:
     return float(np.median(times))
 
 
+TAUS = StoreConfig().topk_taus
+
+
 def codec_table() -> list[dict]:
     rows = []
     for classes in (10, 100, 1000):
         row = {"classes": classes, "fp16": record_dtype("fp16", classes, 0).itemsize}
         for k in (5, 10):
-            row[f"top{k}"] = record_dtype("topk", classes, k).itemsize
+            row[f"top{k}"] = record_dtype("topk", classes, k, len(TAUS)).itemsize
         rows.append(row)
     return rows
 
 
 def topk_kl(classes: int = 1000, rows: int = 2000) -> list[dict]:
-    """KL(full || decoded top-k) in nats for synthetic logits of several sharpnesses."""
+    """KL(full || decoded top-k) in nats at each temperature, for synthetic logits of several sharpnesses: the
+    tails kept at T (``kl_topK``) and the T=1 tail spread evenly, then tempered (``kl_topK_spread``)."""
     out = []
     gen = torch.Generator().manual_seed(0)
     for scale in (2.0, 4.0, 8.0):
         logits = torch.randn(rows, classes, generator=gen) * scale
-        p = torch.log_softmax(logits, 1)
-        entry = {"logit_std": scale, "top1_prob": p.exp().max(1).values.mean().item()}
-        for k in (5, 10, 50):
-            q = decode(encode(logits, "topk", k), classes)
-            entry[f"kl_top{k}"] = (p.exp() * (p - q)).sum(1).mean().item()
-        out.append(entry)
+        for tau in (1.0, *TAUS):
+            p = torch.log_softmax(logits / tau, 1)
+            entry = {"logit_std": scale, "tau": tau, "top1_prob": p.exp().max(1).values.mean().item()}
+            for k in (5, 10, 50):
+                records = encode(logits, "topk", k, TAUS)
+                for name, decoded in ((f"kl_top{k}", decode(records, classes, tau, TAUS)),
+                                      (f"kl_top{k}_spread", decode(records[["values", "indices", "log_rest"]], classes))):
+                    q = torch.log_softmax(decoded / tau, 1)
+                    entry[name] = (p.exp() * (p - q)).sum(1).mean().item()
+            out.append(entry)
     return out
+
+
+def print_codec(result: dict) -> None:
+    print("bytes per sample per view per teacher (top-k with tails at T = " + ", ".join(f"{t:g}" for t in TAUS) + "):")
+    for row in result["bytes_per_record"]:
+        print(f"  {row['classes']:5d} classes: fp16 {row['fp16']:5d}   top-5 {row['top5']:3d}   top-10 {row['top10']:3d}")
+    print("top-k reconstruction KL(full || decoded) at T, 1000 classes, synthetic logits (tails kept at T / T=1 tail tempered):")
+    for row in result["topk_kl_1000_classes"]:
+        print(f"  logit std {row['logit_std']:3.0f} T={row['tau']:g} (mean top-1 prob at T {row['top1_prob']:.2f}): "
+              + "  ".join(f"top-{k} {row[f'kl_top{k}']:.4f} / {row[f'kl_top{k}_spread']:.4f}" for k in (5, 10, 50)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teachers", nargs="+", required=True, help="teacher checkpoints")
+    parser.add_argument("--teachers", nargs="+", help="teacher checkpoints (needed unless --codec-only)")
+    parser.add_argument("--codec-only", action="store_true", help="only the bytes and top-k error tables (no timing)")
     parser.add_argument("--data-root", default="../shared/data/cifar10")
     parser.add_argument("--images", type=int, default=2048, help="training images the precompute run covers")
     parser.add_argument("--workers", type=int, default=2)
@@ -107,6 +129,14 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.codec_only:
+        result = {"bytes_per_record": codec_table(), "topk_kl_1000_classes": topk_kl()}
+        print_codec(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
+    if not args.teachers:
+        parser.error("--teachers is needed (or --codec-only)")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [
             "data.source=imagefolder", f"data.root={args.data_root}", f"data.subset={args.images // 10}",
@@ -130,13 +160,7 @@ def main() -> None:
           f"({raw:.0f} before, {raw_after:.0f} after): {result['precompute_vs_raw']:.2f}x")
     print(f"batch read (128 records x {store.num_teachers} teachers): {read_s * 1e3:.3f} ms = "
           f"{result['read_vs_step_percent']:.3f} % of one student step ({step_s * 1e3:.0f} ms)")
-    print("bytes per sample per view per teacher:")
-    for row in result["bytes_per_record"]:
-        print(f"  {row['classes']:5d} classes: fp16 {row['fp16']:5d}   top-5 {row['top5']:3d}   top-10 {row['top10']:3d}")
-    print("top-k reconstruction KL(full || decoded), 1000 classes, synthetic logits:")
-    for row in result["topk_kl_1000_classes"]:
-        print(f"  logit std {row['logit_std']:3.0f} (mean top-1 prob {row['top1_prob']:.2f}): "
-              + "  ".join(f"top-{k} {row[f'kl_top{k}']:.4f}" for k in (5, 10, 50)))
+    print_codec(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -284,3 +284,43 @@ def test_committed_study_results_are_not_ignored_by_git():
 
     assert [p for p in paths if ignored(p)] == []
     assert ignored("runs/cifar10-10pct-study/runs/both-s0/run.json")
+
+
+def test_a_study_that_extends_another_reuses_its_teachers_stores_and_settings(finished_study, tmp_path, capsys):
+    parent_dir, parent = finished_study
+    child = tmp_path / "long.yaml"
+    child.write_text(yaml.safe_dump({
+        "extends": str(parent), "out": str(tmp_path / "long"), "results": str(tmp_path / "long-results"),
+        "set": {"train.epochs": 3, "train.eval_every": 3}, "seeds": [0],
+        "runs": [{"name": "none", "mode": "none"}, {"name": "both", "mode": "store", "teachers": ["conv", "inv"]}]}))
+    stores_before = sorted(p.name for p in (parent_dir / "study" / "stores").iterdir())
+    assert main(["study", str(child)]) == 0
+    out = capsys.readouterr().out
+    assert f"teachers: those of '{parent}'" in out and out.count("the committed one") == 2  # not retrained
+    assert "run 1/2: none" in out and "run 2/2: both" in out
+    assert not (tmp_path / "long" / "teachers").exists() and not (tmp_path / "long" / "stores").exists()
+    assert sorted(p.name for p in (parent_dir / "study" / "stores").iterdir()) == stores_before  # no store built
+    for name in ("none-s0", "both-s0"):
+        metrics = (tmp_path / "long" / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == 3 and json.loads(metrics[-1])["val_top1"] is not None  # the longer schedule
+        saved = load_config(tmp_path / "long" / "runs" / name / "config.yaml")
+        assert saved.distill.teachers == ([] if name == "none-s0" else
+                                          [str(parent_dir / "study" / "teachers" / t / "teacher") for t in ("conv", "inv")])
+    summary = (tmp_path / "long-results" / "study.md").read_text()
+    assert f"those of `{parent}`, with train.epochs=3, train.eval_every=3 on top" in summary
+    assert "3 epochs" in summary and f"taken from `{parent}`" in summary  # one seed here: the parent's seed spread
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"teachers": {"conv": {"teacher": {"name": "resnet18"}}}}, "also gives teachers"),
+    ({"set": {"train.nope": 1}}, "nope"),
+    ({"extends": None}, "set: applies on top of the study named in extends"),
+])
+def test_a_study_that_extends_another_refuses_what_it_cannot_take(finished_study, tmp_path, changes, message):
+    _, parent = finished_study
+    values = {"extends": str(parent), "out": str(tmp_path / "x"), "set": {"train.epochs": 3}, "seeds": [0],
+              "runs": [{"name": "none", "mode": "none"}], **changes}
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=message):
+        load_study(child)

@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 from pydantic import Field, model_validator
 
 from libkd import LibkdError
-from libkd.config import (AugmentConfig, ExperimentConfig, ModelConfig, Section, StoreConfig, TrainConfig, apply_override,
+from libkd.config import (AugmentConfig, ConfigError, ExperimentConfig, ModelConfig, Section, StoreConfig, TrainConfig, apply_override,
                           load_config, validate_config)
 
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
@@ -94,6 +94,10 @@ class StudyConfig(Section):
     seeds: list[int] = [0, 1, 2]
     runs: list[RunSpec] = []
     tune: TuneConfig | None = None
+    # Another study config whose teachers (committed weights included), stores and searched settings this one reuses,
+    # with ``set`` applied on top (e.g. a longer schedule): its own base, teachers, store and tune are not given.
+    extends: str | None = None
+    set: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _references(self) -> "StudyConfig":
@@ -102,7 +106,7 @@ class StudyConfig(Section):
             raise ValueError(f"run names must be unique: {names}")
         for r in self.runs:
             unknown = [t for t in r.teachers if t not in self.teachers]
-            if unknown:
+            if unknown and not (self.extends and not self.teachers):  # checked again once the teachers are merged in
                 raise ValueError(f"run '{r.name}' names unknown teacher(s) {unknown}; the study's teachers are {list(self.teachers)}")
             if r.seeds > len(self.seeds):
                 raise ValueError(f"run '{r.name}' asks for {r.seeds} seeds; the study lists {len(self.seeds)} in seeds")
@@ -112,8 +116,29 @@ class StudyConfig(Section):
         return self
 
 
+INHERITED = ("base", "teachers", "store")  # what a study that extends another takes from it
+
+
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
-    return load_config(path, overrides, StudyConfig)
+    cfg = load_config(path, overrides, StudyConfig)
+    if cfg.set and not cfg.extends:
+        raise ConfigError(f"'{path}': set: applies on top of the study named in extends:, and there is none "
+                          "(put the settings in base: instead)")
+    if not cfg.extends:
+        return cfg
+    own = [key for key in (*INHERITED, "tune") if key in cfg.model_fields_set]
+    if own:
+        raise ConfigError(f"'{path}' extends '{cfg.extends}' and also gives {', '.join(own)}: a study that extends another "
+                          "takes its base, teachers, store and searched settings; change those there, or use set: for "
+                          "settings on top of them")
+    parent = load_study(cfg.extends)
+    if parent.extends:
+        raise ConfigError(f"'{path}' extends '{cfg.extends}', which extends another study; extend that one directly")
+    values = {**parent.model_dump(mode="json", include=set(INHERITED), exclude_unset=True),
+              **cfg.model_dump(mode="json", exclude_unset=True)}  # unset stays unset (store mode checks what is set)
+    merged = validate_config(values, StudyConfig, f" in '{path}' (with the base, teachers and store of '{cfg.extends}')")
+    _with(merged.base, merged.set)  # a bad key in set: fails now, by name
+    return merged
 
 
 def _with(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
@@ -143,6 +168,7 @@ class Study:
         self.results = Path(cfg.results) if cfg.results else None
         self.final_base: ExperimentConfig | None = None  # the base with the search's choices, once known
         self.chosen_by_run: dict[str, dict[str, Any]] = {}  # choices of the run-scoped stages, per run
+        self.parent = Study(load_study(cfg.extends)) if cfg.extends else None  # whose teachers, stores and search
 
     @contextmanager
     def timed(self, key: str):
@@ -163,6 +189,8 @@ class Study:
     # ------------------------------------------------------------------ teachers and stores
 
     def teacher_path(self, name: str) -> str:
+        if self.parent:
+            return self.parent.teacher_path(name)
         return str(self.out / "teachers" / name / "teacher")
 
     def train_teachers(self) -> None:
@@ -170,6 +198,10 @@ class Study:
         fresh machine learns from the very teachers the committed runs learned from instead of retraining them."""
         from libkd.train_teacher import train_teacher
 
+        if self.parent:
+            _log(f"teachers: those of '{self.cfg.extends}'")
+            self.parent.train_teachers()
+            return
         for name, spec in self.cfg.teachers.items():
             teacher_cfg = self.base.model_copy(update={"teacher": spec.teacher, "augment": spec.augment, "train": spec.train,
                                                        "seed": self.cfg.seeds[0], "out": str(self.out / "teachers" / name)})
@@ -230,6 +262,9 @@ class Study:
         """Where the store for these data, recipe and seed lives (built and verified on first use when ``build``)."""
         from libkd.store.precompute import precompute, verify_store
 
+        if self.parent:  # the same teachers, data, recipe and store settings: the same store
+            return self.parent.store_path(base, seed, naive, where, build)
+
         key = {"data": base.data.model_dump(mode="json"), "replay": None if naive else base.replay.model_dump(mode="json"),
                "store": self.cfg.store.model_dump(mode="json", exclude={"path", "teachers"})}
         if naive:  # one clean view: no seed enters it, so every run shares one store
@@ -282,12 +317,18 @@ class Study:
     def base_for(self, spec: RunSpec) -> ExperimentConfig:
         """The base a run trains from: the study's base with the search's global choices and the run's own."""
         assert self.final_base is not None, "the settings search runs first"
-        own = self.chosen_by_run.get(spec.name)
+        own = {**self.chosen_by_run.get(spec.name, {}), **self.cfg.set}  # set: (a study that extends another) wins
         return _with(self.final_base, own) if own else self.final_base
 
     def tune(self) -> dict[str, Any]:
         """Run every stage's grid on the held-out split; returns the chosen overrides (also in tune/tuning.json);
         the choices of run-scoped stages go to ``chosen_by_run``."""
+        if self.parent:
+            _log(f"settings: those searched by '{self.cfg.extends}', then {self.cfg.set or 'nothing'} on top")
+            chosen = self.parent.tune()
+            self.chosen_by_run = self.parent.chosen_by_run
+            self.parent.final_base = _with(self.parent.base, chosen)
+            return {**chosen, **self.cfg.set}
         tune = self.cfg.tune
         chosen: dict[str, Any] = {}
         by_run: dict[str, dict[str, Any]] = {}
@@ -453,20 +494,15 @@ def _mean_spread(values: list[float]) -> str:
 
 def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) -> str:
     """Mean and spread over seeds per run, the tuning record, and each claim checked against the figures."""
-    from libkd.report import load_run
-
-    by_run: dict[str, list[dict[str, Any]]] = {}
-    for spec, seed, folder in finished:
-        run = load_run(folder)
-        history = run["history"]
-        by_run.setdefault(spec.name, []).append({
-            "seed": seed, "top1": run["eval"]["top1"], "ece": run["eval"]["ece"],
-            "train_s": sum(h["train_seconds"] for h in history), "img_s": statistics.mean(h["images_per_s"] for h in history)})
+    by_run = _by_run(finished)
     cfg = study.cfg
+    base = study.final_base or cfg.base
     lines = ["# Study summary", "",
              f"Training data: {cfg.base.data.source} {cfg.base.data.root or ''} (subset {cfg.base.data.subset}); "
-             f"student {cfg.base.student.name}, {cfg.base.train.epochs} epochs; top-1 on the test split "
+             f"student {cfg.base.student.name}, {base.train.epochs} epochs; top-1 on the test split "
              f"({cfg.base.data.val_split}), in percent; mean ± standard deviation over seeds.", "",
+             *([f"Teachers, stores and searched settings: those of `{cfg.extends}`, with "
+                f"{', '.join(f'{k}={v}' for k, v in cfg.set.items()) or 'nothing'} on top.", ""] if cfg.extends else []),
              "| run | mode | teachers | combine | seeds | top-1 | per seed | ECE | train img/s | train time |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for spec in cfg.runs:
@@ -494,6 +530,20 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
         lines += ["", "## Settings search (held-out part of the training images, never the test split)", "",
                   *tuning_table(json.loads(tuning.read_text()))]
     return "\n".join(lines) + "\n"
+
+
+def _by_run(finished: list[tuple[RunSpec, int, Path]]) -> dict[str, list[dict[str, Any]]]:
+    """Each run's finished seeds: test top-1, ECE, training time and speed."""
+    from libkd.report import load_run
+
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for spec, seed, folder in finished:
+        run = load_run(folder)
+        history = run["history"]
+        by_run.setdefault(spec.name, []).append({
+            "seed": seed, "top1": run["eval"]["top1"], "ece": run["eval"]["ece"],
+            "train_s": sum(h["train_seconds"] for h in history), "img_s": statistics.mean(h["images_per_s"] for h in history)})
+    return by_run
 
 
 def tuning_table(record: dict[str, Any]) -> list[str]:
@@ -597,6 +647,9 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
     roles = _roles(study.cfg)
     top1 = {name: [r["top1"] for r in rows] for name, rows in by_run.items()}
     sd, dof = pooled_sd(by_run)
+    borrowed = sd is None and study.parent is not None and study.parent.final_base is not None
+    if borrowed:  # one seed per run here: the seed spread of the study this one extends, at its own schedule
+        sd, dof = pooled_sd(_by_run(study.parent.finished_runs()))
 
     def fmt(name: str) -> str:
         return f"{name} {statistics.mean(top1[name]):.2f} ({len(top1[name])} seed{'s' if len(top1[name]) > 1 else ''})"
@@ -655,6 +708,9 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
         lines.append(f"{title}: **{v}**: consistent minus naive on {len(pairs)} same-seed pair(s): {figures(m, se)}.")
     noise = (f"pooled seed standard deviation s = {sd:.2f} points ({dof} degrees of freedom)" if sd is not None
              else "no run has two seeds, so seed noise is unknown and no difference can be judged")
+    if borrowed and sd is not None:
+        noise += (f", taken from `{study.cfg.extends}` (no run here has two seeds; it assumes the seed spread at this "
+                  "schedule is like that one's)")
     return lines + ["", f"Seed noise: {noise}. {NOISE_RULE}"]
 
 
