@@ -220,6 +220,18 @@ def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tm
     assert main(["study", str(config)]) == 0
     assert f"settings search: reusing {tmp_path / 'results' / 'tuning.json'}" in capsys.readouterr().out
     assert not (tmp_path / "study" / "tune").exists()
+    # A search cut short (a session ended mid-search): the trials that landed are reused, the rest are run.
+    (tmp_path / "results" / "tuning.json").unlink()
+    trials = json.loads((tmp_path / "results" / "tune-trials.json").read_text())
+    assert len(trials) == 6 and all(t["config_sha"] for t in trials.values())
+    last = record["stages"][2]["trials"][1]["trial"]
+    del trials[last]
+    (tmp_path / "results" / "tune-trials.json").write_text(json.dumps(trials))
+    assert main(["study", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("committed by an earlier session") == 5 + 4 and f"trial {last}: done" not in out  # 5 trials, 4 runs
+    assert [p.name for p in (tmp_path / "study" / "tune").iterdir() if p.name.startswith("stage")] == [last]
+    assert json.loads((tmp_path / "results" / "tuning.json").read_text())["chosen"] == record["chosen"]
 
 
 @pytest.mark.parametrize("change, message", [

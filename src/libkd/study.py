@@ -343,6 +343,9 @@ class Study:
                 self.chosen_by_run = record.get("chosen_by_run", {})
                 return record["chosen"]
             _log(f"settings search: {landed} searched another grid; searching again")
+        # Trials an earlier session finished (the search takes hours here): each reused when its whole config matches.
+        trials_file = self.results / "tune-trials.json" if self.results else None
+        done = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
         for s, stage in enumerate(tune.stages):
             spec = self.spec[stage.run]
             trials = []
@@ -352,10 +355,24 @@ class Study:
                                                **({"train.epochs": tune.epochs} if tune.epochs else {})})
                 name = f"stage{s}-{stage.run}-{_short_hash(overrides)}"
                 _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
-                cfg = self.run_config(spec, self.cfg.seeds[0], trial_base, self.out / "tune" / name, stores="tune/stores")
+                out = self.out / "tune" / name
+                cfg = self.run_config(spec, self.cfg.seeds[0], trial_base, out, stores="tune/stores", build=False)
+                config_sha = _short_hash(cfg.model_dump(mode="json", exclude={"out": True, "distill": {"store": True, "teachers": True}}))
+                landed = done.get(name)
+                if landed and landed["config_sha"] == config_sha and not (out / "student.safetensors").is_file():
+                    _log(f"trial {name}: done, reusing it (from {trials_file}, committed by an earlier session)")
+                    trials.append({k: landed[k] for k in ("trial", "overrides", "holdout_top1")})
+                    continue
+                cfg = self.run_config(spec, self.cfg.seeds[0], trial_base, out, stores="tune/stores")
                 with self.timed(f"tune {name}"):
                     metrics = self.distill_and_evaluate(cfg, evaluate=False)
                 trials.append({"trial": name, "overrides": overrides, "holdout_top1": metrics["val_top1"]})
+                if trials_file:
+                    from libkd.fileio import write_json_atomic
+
+                    done[name] = {**trials[-1], "config_sha": config_sha}
+                    trials_file.parent.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(trials_file, done)
             best = max(trials, key=lambda t: t["holdout_top1"])  # the first of equals: grid order breaks ties
             (by_run.setdefault(stage.run, {}) if stage.scope == "run" else chosen).update(best["overrides"])
             record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": best["trial"]})
@@ -364,6 +381,9 @@ class Study:
 
         write_json_atomic(self.out / "tune" / "tuning.json", {"holdout": tune.holdout, "epochs": tune.epochs,
                                                               "stages": record, "chosen": chosen, "chosen_by_run": by_run})
+        if self.results:  # landed at once, not with the first run (which may be a session away)
+            self.results.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.out / "tune" / "tuning.json", self.results / "tuning.json")
         self.chosen_by_run = by_run
         return chosen
 
