@@ -466,7 +466,7 @@ def test_topk_tails_are_exact_at_every_stored_temperature():
         decode(records, num_classes, 2.5, taus)
 
 
-def test_topk_store_keeps_tempered_tails_and_verifies_them(tmp_path, teachers):
+def test_topk_store_keeps_tempered_tails_and_verifies_them(tmp_path, teachers, capsys):
     cfg = config(tmp_path, teachers, "store.encoding=topk", "store.topk=2", "store.topk_taus=[3.0]")
     precompute(cfg)
     store = LogitStore(cfg.store.path)
@@ -474,6 +474,8 @@ def test_topk_store_keeps_tempered_tails_and_verifies_them(tmp_path, teachers):
     at3 = store.read(np.arange(10), 1, tau=3.0)[0]
     torch.testing.assert_close(torch.softmax(at3 / 3, 1).sum(1), torch.ones(10))
     assert verify_store(cfg.store.path, 8)["checked_records"] == 16
+    assert main(["store", "info", cfg.store.path]) == 0
+    assert "encoding     topk k=2, tails at T = 3: 16 bytes" in capsys.readouterr().out
     # A store with other tails is another store: the run that expects them is refused by name.
     other = config(tmp_path, teachers, "store.encoding=topk", "store.topk=2", "store.topk_taus=[2.0]")
     with pytest.raises(StoreError, match="topk_taus"):

@@ -214,7 +214,8 @@ def store_info(args: argparse.Namespace) -> int:
         kind = manifest.get("teacher_kinds", ["?"] * (t + 1))[t]
         print(f"teacher {t}    {teacher['name']} ({kind}), weights {teacher['weights_sha256'][:16]}")
     print(f"views        {manifest['views']} per sample, {manifest['image_size']} px, augmentation {manifest['augmentation']['sha256'][:16]}")
-    enc = manifest["encoding"] + (f" k={manifest['topk']}" if manifest.get("topk") else "")
+    enc = manifest["encoding"] + (f" k={manifest['topk']}" if manifest.get("topk") else "") + (
+        f", tails at T = {', '.join(format(t, 'g') for t in manifest['topk_taus'])}" if manifest.get("topk_taus") else "")
     print(f"encoding     {enc}: {manifest['record_bytes']} bytes per sample per view per teacher")
     if manifest.get("complete"):
         size = LogitStore(args.path).nbytes()
