@@ -400,3 +400,5 @@ def test_a_topk_store_is_read_at_the_runs_temperature_and_refuses_one_it_lacks(t
         distill(run_config(tmp_path / "t3", "distill.tau=3.0", *common))
     assert not (tmp_path / "t3" / "metrics.jsonl").exists()  # refused before the first step
     assert distill(run_config(tmp_path / "t2", "distill.tau=2.0", *common))["train_loss"] > 0
+    # Hard targets are the teacher's argmax, the same at any tau: no tail is needed, so nothing is refused.
+    assert distill(run_config(tmp_path / "hard", "distill.kind=hard", "distill.tau=3.0", *common))["train_loss"] > 0

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from libkd import LibkdError
@@ -33,6 +32,7 @@ from libkd.fileio import disk_full_is_an_error, write_json_atomic
 from libkd.losses import DistillationLoss
 from libkd.models import count_parameters, create_model, read_meta, save_checkpoint, teacher_kind
 from libkd.store import LogitStore, read_manifest
+from libkd.store.codec import tail_column
 from libkd.store.precompute import store_identity, view_spec
 from libkd.teachers import check_classes, load_teachers, teacher_logits
 from libkd.train_teacher import load_splits, seed_everything
@@ -122,12 +122,14 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     # The student's stream has V views; a naive store holds one clean view, and its read folds every view onto it, so
     # the naive baseline differs from the consistent store in its targets only, not in augmentation diversity.
     views = manifest["views"] if manifest and not naive else cfg.store.views
+    read_tau = cfg.distill.tau if cfg.distill.kind == "soft" else 1.0  # hard targets are argmaxes: any tau gives the same
     if mode == "store":
         store = _open_store(cfg, manifest, train, size, mean, std)
         columns = _store_columns(cfg, manifest)
-        if manifest["encoding"] == "topk" and cfg.distill.kind == "soft" and cfg.distill.tau != 1.0:
-            store.read(np.zeros(1, dtype=np.int64), 0, columns[:1], cfg.distill.tau)  # an unstored tau fails now, not mid-run
-            if not store.taus:
+        if manifest["encoding"] == "topk" and read_tau != 1.0:
+            if store.taus:
+                tail_column(store.taus, read_tau)  # an unstored tau fails now, not at the first batch
+            else:
                 print(f"note: this top-k store predates tempered tails: at distill.tau={cfg.distill.tau} its targets spread "
                       "the T=1 tail evenly and then temper it, which inflates the tail (see the README's store section); "
                       "rebuild it with `libkd precompute` for exact tempered tails", file=sys.stderr)
@@ -160,7 +162,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         ReplayDataset(augment), sampler=sampler, batch_size=local_batch, drop_last=len(sampler) > local_batch,
         num_workers=cfg.train.workers, persistent_workers=cfg.train.workers > 0, pin_memory=device.type == "cuda",
         worker_init_fn=worker_init if cfg.train.workers else None,
-        collate_fn=WithStoredTargets(store, columns, cfg.distill.tau) if store is not None else None)
+        collate_fn=WithStoredTargets(store, columns, read_tau) if store is not None else None)
     spec = {"input_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std}
     evaluation, _ = val_loader(cfg.data, spec, cfg.train.eval_batch_size, cfg.seed, cfg.train.workers)
     steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))

@@ -30,7 +30,7 @@ from libkd.config import (AugmentConfig, ConfigError, ExperimentConfig, ModelCon
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
 TEACHER_FILES = ("teacher.json", "metrics.jsonl", "config.yaml")
 TEACHER_WEIGHTS = "teacher.safetensors"
-COMMIT_WEIGHTS_MAX_BYTES = 20 * 2**20  # a teacher this small goes into git with the results; a larger one is retrained
+COMMIT_WEIGHTS_MAX_BYTES = 5 * 2**20  # a teacher this small goes into git with the results; a larger one is retrained
 
 
 class TeacherSpec(Section):

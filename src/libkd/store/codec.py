@@ -6,10 +6,11 @@ the probability mass left to the other C - k classes (float32), and for each tem
 ``taus`` the log of that tail's tempered mass, sum of p_i^(1/T) over the C - k classes (float32):
 2*k + 2*k + 4 + 4*len(taus) bytes. Decoding at T spreads the tail's tempered mass evenly over the
 tail classes, so the top-k part of the tempered distribution and the tail's total are exact at
-every stored T; what is lost is only how the tail divides among its classes. Spreading the T=1
-mass evenly and then tempering (all a store without ``taus`` can do) inflates the tail at T > 1
-(C=100, k=10: KL 0.07 at T=1, 0.24 at T=3 on random logits). A record is one NumPy structured
-scalar, so a shard is one memory-mappable array of shape (views, samples).
+every stored T; what is lost is only how the tail divides among its classes, and that loss grows
+with T for a sharp teacher (tempering moves mass into the tail; README table). Spreading the T=1
+mass evenly and then tempering (all a store without ``taus`` can do) also inflates the tail's total.
+A record is one NumPy structured scalar, so a shard is one memory-mappable array of shape
+(views, samples).
 """
 
 from __future__ import annotations
@@ -60,6 +61,15 @@ def encode(logits: torch.Tensor, encoding: str, k: int, taus: Sequence[float] = 
     return out
 
 
+def tail_column(taus: Sequence[float], tau: float) -> int:
+    """Which of a top-k record's stored tails is the one at ``tau``; refused by name when it holds none."""
+    for i, t in enumerate(taus):
+        if abs(t - tau) <= 1e-6 * max(1.0, tau):
+            return i
+    raise LibkdError(f"this top-k store holds the teachers' tails at temperatures {list(taus)}, not at distill.tau="
+                     f"{tau}: rebuild it with store.topk_taus including {tau}, or use store.encoding=fp16")
+
+
 def decode(records: np.ndarray, num_classes: int, tau: float = 1.0, taus: Sequence[float] = ()) -> torch.Tensor:
     """Records back to (N, C) float32: logits for fp16; for top-k, outputs ``x`` with ``softmax(x / tau)`` the
     record's best estimate of the teacher's distribution at ``tau`` (log-probabilities at tau = 1).
@@ -79,11 +89,7 @@ def decode(records: np.ndarray, num_classes: int, tau: float = 1.0, taus: Sequen
         log_rest = torch.from_numpy(np.ascontiguousarray(records["log_rest"])).float()
         fill = (log_rest - np.log(num_classes - k)).unsqueeze(1).expand(-1, num_classes).clone()
         return fill.scatter_(1, indices, values)
-    column = [i for i, t in enumerate(taus) if abs(t - tau) <= 1e-6 * max(1.0, tau)]
-    if not column:
-        raise LibkdError(f"this top-k store holds the teachers' tails at temperatures {list(taus)}, not at distill.tau="
-                         f"{tau}: rebuild it with store.topk_taus including {tau}, or use store.encoding=fp16")
-    log_tail = torch.from_numpy(np.ascontiguousarray(records["log_rest_tau"][:, column[0]])).float()
+    log_tail = torch.from_numpy(np.ascontiguousarray(records["log_rest_tau"][:, tail_column(taus, tau)])).float()
     top = values / tau  # log p_i^(1/tau), unnormalised
     log_z = torch.logsumexp(torch.cat([top, log_tail.unsqueeze(1)], 1), dim=1, keepdim=True)
     fill = (log_tail.unsqueeze(1) - np.log(num_classes - k) - log_z).expand(-1, num_classes).clone()
