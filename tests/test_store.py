@@ -82,7 +82,11 @@ def test_topk_round_trip(num_classes, k, scale, seed):
     true = torch.log_softmax(logits, 1)
     top = true.topk(k, 1)
     assert torch.allclose(logp.gather(1, top.indices), top.values, atol=2e-2, rtol=1e-3)
-    assert torch.equal(logp.argmax(1), true.argmax(1))
+    # the decoded argmax is the true one up to fp16 rounding of the stored log-probabilities (two classes whose
+    # log-probabilities differ by less than that round to one value, and either may come out on top)
+    best = true.max(1).values
+    picked = true.gather(1, logp.argmax(1, keepdim=True)).squeeze(1)
+    assert (best - picked <= best.abs() * 2**-10 + 1e-6).all()
 
 
 def test_codec_limits():
