@@ -302,6 +302,11 @@ def test_a_mean_token_is_compared_with_the_teachers_mean_at_its_own_temperature(
     outputs = {"labels": labels, "combined": token, "heads": torch.stack([token, token]), "teachers": torch.stack([t0, t1])}
     assert score(outputs, ["a", "b", "c"], tau=1.0)["token_teacher_agreement"] == [0.0]
     assert score(outputs, ["a", "b", "c"], tau=4.0)["token_teacher_agreement"] == [100.0]
+    # its right/wrong split is against the same mean: at T=4 the mean says class 1 on both images, as the token does
+    assert score(outputs, ["a", "b", "c"], tau=4.0)["token_teacher_partition"] == [
+        {"both_right": 50.0, "only_first_right": 0.0, "only_second_right": 0.0, "neither_right": 50.0, "either_right": 50.0,
+         "agreement": 100.0}]
+    assert score(outputs, ["a", "b", "c"], tau=1.0)["token_teacher_partition"][0]["only_first_right"] == 50.0
 
 
 def test_a_training_step_waits_for_the_device_once(monkeypatch):

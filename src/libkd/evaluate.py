@@ -88,8 +88,8 @@ def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = Tru
         else:
             targets = []
         result["token_teacher_agreement"] = [100.0 * (h.argmax(-1) == t).float().mean().item() for h, t in zip(tokens, targets)]
-        if len(tokens) == len(teachers):  # each token against its own teacher: who is right where
-            result["token_teacher_partition"] = [partition(h.argmax(-1), t.argmax(-1), labels) for h, t in zip(tokens, teachers)]
+        # each token against what it learned from (its teacher, or the teachers' mean): who is right where
+        result["token_teacher_partition"] = [partition(h.argmax(-1), t, labels) for h, t in zip(tokens, targets)]
         if len(teachers) == 2:
             result["teacher_pair"] = partition(teachers[0].argmax(-1), teachers[1].argmax(-1), labels)
     return result

@@ -112,7 +112,8 @@ def teacher_section(runs: list[dict[str, Any]]) -> list[str]:
                   "| " + " | ".join(f"{parts[k]:.1f}" for k in PARTS) + " |", "",
                   f"They predict the same class (right or wrong) on {pair['agreement']:.1f} % of the images; at least "
                   f"one is right on {parts['both_right'] + parts['only_first_right'] + parts['only_second_right']:.1f} %."]
-    lines += ["", "Each student token against its own teacher (percent of images): the first four columns split the images "
+    lines += ["", "Each student token against its own teacher (a mean token: against the teachers' mean distribution at its "
+                  "temperature), in percent of images: the first four columns split the images "
                   "and add up to 100 %; agreement (same class, right or wrong) is apart:", "",
               "| run | token | both right | only token right | only teacher right | neither right | agreement |",
               "|---|---|---|---|---|---|---|"]
