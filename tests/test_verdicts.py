@@ -37,20 +37,30 @@ def test_pooled_sd_pools_only_runs_with_several_seeds():
 @pytest.mark.parametrize("a, b, verdict", [((52, 52.5, 51.5), (48, 48.5, 47.5), HOLDS),
                                            ((52, 52.5, 51.5), (51.5, 52, 51), WITHIN),
                                            ((48, 48.5, 47.5), (52, 52.5, 51.5), FAILS)])
-def test_beats_compares_the_margin_with_two_standard_errors(a, b, verdict):
-    v, margin, se = beats(list(a), list(b), 0.5)
+def test_beats_compares_the_margin_with_t_standard_errors(a, b, verdict):
+    v, margin, threshold = beats(list(a), list(b), 0.5, 10)
     assert v == verdict and margin == pytest.approx(statistics.mean(a) - statistics.mean(b))
-    assert se == pytest.approx(0.5 * (2 / 3) ** 0.5)
+    assert threshold == pytest.approx(2.228139 * 0.5 * (2 / 3) ** 0.5)  # t(0.975, 10 dof) x SE
+
+
+def test_a_spread_measured_on_few_seeds_asks_for_a_wider_margin():
+    # One run with two seeds 0.35 apart gives s = 0.25 on 1 degree of freedom: a one-seed margin of 1.5 points is
+    # beyond 2 SE (0.71) but not beyond t(1) SE = 12.71 x 0.35 = 4.49; the same s on 10 degrees of freedom judges it.
+    assert beats([52.0], [50.5], 0.25, 1)[0] == WITHIN
+    assert beats([52.0], [50.5], 0.25, 1)[2] == pytest.approx(12.7062 * 0.25 * 2 ** 0.5, rel=1e-4)
+    assert beats([52.0], [50.5], 0.25, 10)[0] == HOLDS  # t(10) SE = 2.23 x 0.354 = 0.79
+    assert equivalent([52.0], [52.1], 0.1, 1, 0.5)[0] == WITHIN  # t(1) SE = 1.80: a 0.5 gap cannot be excluded
+    assert equivalent([52.0], [52.1], 0.1, 100, 0.5)[0] == HOLDS  # t(100) SE = 0.28
 
 
 def test_without_any_seed_spread_nothing_is_judged():
-    assert beats([52.0], [40.0], None)[0] == UNTESTED
+    assert beats([52.0], [40.0], None, 0)[0] == UNTESTED
 
 
 def test_equivalence_needs_the_bound_to_hold_beyond_noise():
-    assert equivalent([52.0] * 3, [52.1] * 3, 0.1, 0.5)[0] == HOLDS  # |m| + 2 SE = 0.1 + 0.16 <= 0.5
-    assert equivalent([52.0], [52.1], 0.6, 0.5)[0] == WITHIN  # 2 SE = 1.7: a 0.5 gap cannot be excluded
-    assert equivalent([52.0] * 3, [50.0] * 3, 0.1, 0.5)[0] == FAILS
+    assert equivalent([52.0] * 3, [52.1] * 3, 0.1, 10, 0.5)[0] == HOLDS  # |m| + t SE = 0.1 + 0.18 <= 0.5
+    assert equivalent([52.0], [52.1], 0.6, 10, 0.5)[0] == WITHIN  # t SE = 1.9: a 0.5 gap cannot be excluded
+    assert equivalent([52.0] * 3, [50.0] * 3, 0.1, 10, 0.5)[0] == FAILS
 
 
 def test_a_claim_is_as_strong_as_its_weakest_comparison():

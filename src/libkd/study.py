@@ -604,14 +604,15 @@ def _same_seed(by_run: dict[str, list[dict[str, Any]]], a: str | None, b: str | 
     return [(of_a[r["seed"]], r) for r in by_run[b] if r["seed"] in of_a]
 
 
-NOISE_RULE = ("Verdicts: the margin m (difference of the two runs' means over seeds) against its standard error "
-              "SE = s * sqrt(1/n1 + 1/n2), where s is the seed standard deviation pooled over every run of the study "
-              "with two or more seeds (seed noise is taken to be alike across runs; pooling gives it more degrees of "
-              "freedom than any one run's three seeds). A claim that one run beats another **holds beyond seed noise** "
-              "when m > 2 SE, is **within seed noise** when |m| <= 2 SE and **does not hold** when m < -2 SE. The "
-              "store-vs-online claim (|m| <= 0.5 points) holds beyond seed noise when |m| + 2 SE <= 0.5, does not hold "
-              "when |m| - 2 SE > 0.5, and is within seed noise otherwise. A claim whose runs are missing is **not "
-              "tested** and names them.")
+NOISE_RULE = ("Verdicts: the margin m (difference of the two runs' means over seeds) against t SE, where "
+              "SE = s * sqrt(1/n1 + 1/n2), s is the seed standard deviation pooled over every run of the study with two "
+              "or more seeds (seed noise is taken to be alike across runs; pooling gives it more degrees of freedom than "
+              "any one run's three seeds), and t is the two-sided 95 % quantile of Student's t with s's degrees of "
+              "freedom (12.71 at 1, 2.57 at 5, 2.23 at 10, near 2 with many), so a spread measured on few seeds asks "
+              "for a wider margin. A claim that one run beats another **holds beyond seed noise** when m > t SE, is "
+              "**within seed noise** when |m| <= t SE and **does not hold** when m < -t SE. The store-vs-online claim "
+              "(|m| <= 0.5 points) holds beyond seed noise when |m| + t SE <= 0.5, does not hold when |m| - t SE > 0.5, "
+              "and is within seed noise otherwise. A claim whose runs are missing is **not tested** and names them.")
 HOLDS, WITHIN, FAILS, UNTESTED = "holds beyond seed noise", "within seed noise", "does not hold", "not tested"
 
 
@@ -625,22 +626,34 @@ def pooled_sd(by_run: dict[str, list[dict[str, Any]]]) -> tuple[float | None, in
     return ((ss / dof) ** 0.5, dof) if dof else (None, 0)
 
 
-def beats(a: list[float], b: list[float], sd: float | None) -> tuple[str, float, float | None]:
-    """(verdict, margin, SE) for the claim 'mean(a) > mean(b)' under the noise rule."""
+def _t95(dof: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``dof`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
+
+def noise_threshold(a: list[float], b: list[float], sd: float, dof: int) -> float:
+    """t SE: the margin between the means of ``a`` and ``b`` that seed noise explains at 95 % (two-sided)."""
+    return _t95(dof) * sd * (1 / len(a) + 1 / len(b)) ** 0.5
+
+
+def beats(a: list[float], b: list[float], sd: float | None, dof: int) -> tuple[str, float, float | None]:
+    """(verdict, margin, t SE) for the claim 'mean(a) > mean(b)' under the noise rule."""
     margin = statistics.mean(a) - statistics.mean(b)
     if sd is None:
         return UNTESTED, margin, None
-    se = sd * (1 / len(a) + 1 / len(b)) ** 0.5
-    return (HOLDS if margin > 2 * se else FAILS if margin < -2 * se else WITHIN), margin, se
+    k = noise_threshold(a, b, sd, dof)
+    return (HOLDS if margin > k else FAILS if margin < -k else WITHIN), margin, k
 
 
-def equivalent(a: list[float], b: list[float], sd: float | None, bound: float) -> tuple[str, float, float | None]:
-    """(verdict, margin, SE) for the claim '|mean(a) - mean(b)| <= bound'."""
+def equivalent(a: list[float], b: list[float], sd: float | None, dof: int, bound: float) -> tuple[str, float, float | None]:
+    """(verdict, margin, t SE) for the claim '|mean(a) - mean(b)| <= bound'."""
     margin = statistics.mean(a) - statistics.mean(b)
     if sd is None:
         return UNTESTED, margin, None
-    se = sd * (1 / len(a) + 1 / len(b)) ** 0.5
-    return (HOLDS if abs(margin) + 2 * se <= bound else FAILS if abs(margin) - 2 * se > bound else WITHIN), margin, se
+    k = noise_threshold(a, b, sd, dof)
+    return (HOLDS if abs(margin) + k <= bound else FAILS if abs(margin) - k > bound else WITHIN), margin, k
 
 
 def weakest(verdicts: list[str]) -> str:
@@ -674,8 +687,8 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
     def fmt(name: str) -> str:
         return f"{name} {statistics.mean(top1[name]):.2f} ({len(top1[name])} seed{'s' if len(top1[name]) > 1 else ''})"
 
-    def figures(margin: float, se: float | None) -> str:
-        return f"m {margin:+.2f}" + (f", 2 SE {2 * se:.2f}" if se is not None else ", no seed spread to judge it")
+    def figures(margin: float, threshold: float | None) -> str:
+        return f"m {margin:+.2f}" + (f", t SE {threshold:.2f}" if threshold is not None else ", no seed spread to judge it")
 
     lines = []
     method = roles.get("method")
@@ -687,16 +700,16 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
     if gap:
         lines.append(f"{title}: **{UNTESTED}**: {gap}.")
     else:
-        parts = [(n, *beats(top1[method], top1[n], sd)) for n in needed]
+        parts = [(n, *beats(top1[method], top1[n], sd, dof)) for n in needed]
         lines.append(f"{title}: **{weakest([p[1] for p in parts])}**. {fmt(method)} against "
-                     + "; ".join(f"{fmt(n)}: {v} ({figures(m, se)})" for n, v, m, se in parts) + ".")
+                     + "; ".join(f"{fmt(n)}: {v} ({figures(m, thr)})" for n, v, m, thr in parts) + ".")
     title = "- (a') one token per teacher beats one token for the teachers' mean"
     gap = _missing(study, [method, roles.get("mean")], by_run, "mean-token run")
     if gap:
         lines.append(f"{title}: **{UNTESTED}**: {gap}.")
     else:
-        v, m, se = beats(top1[method], top1[roles["mean"]], sd)
-        lines.append(f"{title}: **{v}**: {fmt(method)} against {fmt(roles['mean'])} ({figures(m, se)}).")
+        v, m, thr = beats(top1[method], top1[roles["mean"]], sd, dof)
+        lines.append(f"{title}: **{v}**: {fmt(method)} against {fmt(roles['mean'])} ({figures(m, thr)}).")
     title = "- (b) the store reaches the online accuracy within 0.5 points"
     gap = _missing(study, [method, roles.get("online")], by_run, "online run")
     pairs = _same_seed(by_run, method, roles.get("online"))
@@ -704,10 +717,10 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
         lines.append(f"{title}: **{UNTESTED}**: {gap or 'no seed run in both modes'}.")
     else:
         store, online = [m["top1"] for m, _ in pairs], [o["top1"] for _, o in pairs]
-        v, m, se = equivalent(online, store, sd, 0.5)
+        v, m, thr = equivalent(online, store, sd, dof, 0.5)
         cost = statistics.mean(m["train_s"] / o["train_s"] for m, o in pairs)
         lines.append(f"{title}: **{v}**: online minus store {m:+.2f} points on {len(pairs)} same-seed pair(s)"
-                     + (f" (2 SE {2 * se:.2f})" if se is not None else "")
+                     + (f" (t SE {thr:.2f})" if thr is not None else "")
                      + f"; the store run's training time is {cost:.2f}x the online run's.")
     title = "- (b') the store's V fixed views cost at most 0.5 points against online teachers on a fresh view every epoch"
     fresh = roles.get("online-fresh")
@@ -715,18 +728,18 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
     if gap:
         lines.append(f"{title}: **{UNTESTED}**: {gap}.")
     else:
-        v, m, se = equivalent(top1[fresh], top1[method], sd, 0.5)
+        v, m, thr = equivalent(top1[fresh], top1[method], sd, dof, 0.5)
         lines.append(f"{title}: **{v}**: {fmt(fresh)} against {fmt(method)} (online-fresh minus store {m:+.2f}"
-                     + (f", 2 SE {2 * se:.2f})." if se is not None else ")."))
+                     + (f", t SE {thr:.2f})." if thr is not None else ")."))
     title = "- (c) the naive single-view store is worse than the augmentation-consistent store"
     gap = _missing(study, [method, roles.get("naive")], by_run, "naive-store run")
     pairs = _same_seed(by_run, method, roles.get("naive"))
     if gap or not pairs:
         lines.append(f"{title}: **{UNTESTED}**: {gap or 'no seed run in both modes'}.")
     else:
-        v, m, se = beats([p["top1"] for p, _ in pairs], [n["top1"] for _, n in pairs], sd)
-        lines.append(f"{title}: **{v}**: consistent minus naive on {len(pairs)} same-seed pair(s): {figures(m, se)}.")
-    noise = (f"pooled seed standard deviation s = {sd:.2f} points ({dof} degrees of freedom)" if sd is not None
+        v, m, thr = beats([p["top1"] for p, _ in pairs], [n["top1"] for _, n in pairs], sd, dof)
+        lines.append(f"{title}: **{v}**: consistent minus naive on {len(pairs)} same-seed pair(s): {figures(m, thr)}.")
+    noise = (f"pooled seed standard deviation s = {sd:.2f} points ({dof} degrees of freedom, t {_t95(dof):.2f})" if sd is not None
              else "no run has two seeds, so seed noise is unknown and no difference can be judged")
     if borrowed and sd is not None:
         noise += (f", taken from `{study.cfg.extends}` (no run here has two seeds; it assumes the seed spread at this "
