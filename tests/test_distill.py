@@ -18,7 +18,7 @@ from libkd.cli import main
 from libkd.config import load_config
 from libkd.distill import distill
 from libkd.models import create_model, save_checkpoint
-from libkd.report import line_styles
+from libkd.report import line_styles, plot, teacher_label
 from libkd.store.precompute import precompute
 
 DATA = ["data.source=synthetic", "data.synthetic.per_class=12", "data.synthetic.image_size=16"]
@@ -212,6 +212,24 @@ def test_report_plots_the_seeds_of_a_run_in_one_colour_and_other_runs_in_others(
     assert len({styles[f"both-s{seed}"][1] for seed in range(3)}) == 3  # ...and differ in line style
     firsts = [styles[n] for n in names if not re.search(r"-s[12]$", n)]
     assert len(set(firsts)) == len(firsts)  # no two runs look alike, even past ten colours
+
+
+def test_report_curves_draw_each_teacher_once_as_a_reference_line(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    legends = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    conv, inv = {"top1": 69.71, "top5": 97.5}, {"top1": 59.56, "top5": 95.9}
+    history = [{"epoch": 1, "val_top1": 30.0, "train_seconds": 60.0}, {"epoch": 2, "val_top1": 35.0, "train_seconds": 60.0}]
+    runs = [{"name": "none-s0", "history": history, "eval": {"top1": 35.0}},
+            {"name": "conv-s0", "history": history, "eval": {"teacher_checkpoints": ["s/teachers/conv/teacher"], "teachers": [conv]}},
+            {"name": "both-s0", "history": history, "eval": {"teacher_checkpoints": ["s/teachers/conv/teacher", "t/rednet26.safetensors"],
+                                                             "teachers": [conv, inv]}}]
+    assert plot(runs, tmp_path) == ["accuracy_per_epoch.png", "accuracy_vs_time.png"]
+    expected = ["none-s0", "conv-s0", "both-s0", "teacher conv (69.7)", "teacher rednet26 (59.6)"]
+    assert legends == [expected, expected]
+    assert teacher_label("teachers/resnet18/teacher") == "resnet18" and teacher_label("teacher") == "teacher"
 
 
 def test_report_refuses_runs_of_other_data(tmp_path, capsys):

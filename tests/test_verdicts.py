@@ -9,7 +9,8 @@ import torch
 
 from libkd.evaluate import partition
 from libkd.report import PARTS, full_partition
-from libkd.study import FAILS, HOLDS, UNTESTED, WITHIN, Study, StudyConfig, beats, claims, equivalent, pooled_sd, weakest
+from libkd.study import (FAILS, HOLDS, UNTESTED, WITHIN, Study, StudyConfig, _columns, beats, claims, equivalent, pooled_sd,
+                         training_table, weakest)
 
 TEACHERS = {"conv": {"teacher": {"name": "resnet18"}}, "inv": {"teacher": {"name": "rednet26_cifar"}}}
 RUNS = [{"name": "none", "mode": "none", "seeds": 3}, {"name": "conv", "mode": "store", "teachers": ["conv"], "seeds": 3},
@@ -95,6 +96,46 @@ def test_a_study_without_single_teacher_runs_does_not_claim_to_beat_them():
     text = "\n".join(claims(demo, {"none": rows(44.7), "both": rows(79.2)}))
     assert "(a) both teachers" in text and "**not tested**: the study has no single-teacher run for every teacher" in text
     assert "holds" not in text.split("\n")[0]
+
+
+def curved(*curves: dict[int, float], teachers: dict[str, float] | None = None) -> list[dict]:
+    """Finished seeds whose test top-1 was scored at the given epochs; the last score is the final top-1."""
+    return [{"seed": s, "top1": c[max(c)], "train_s": 100.0, "curve": c, "teachers": teachers or {}}
+            for s, c in enumerate(curves)]
+
+
+def test_the_table_along_training_gives_each_runs_gain_over_no_teacher_at_each_epoch():
+    runs = [{"name": "none", "mode": "none"}, {"name": "conv", "mode": "store", "teachers": ["conv"]},
+            {"name": "both", "mode": "store", "teachers": ["conv", "inv"]}]
+    by_run = {"none": curved({10: 40.0, 20: 50.0}, {10: 42.0, 20: 52.0}),
+              "conv": curved({10: 45.0, 20: 52.0}, teachers={"conv": 69.7}),
+              "both": curved({10: 48.0, 20: 56.0}, teachers={"conv": 69.7, "inv": 59.6})}
+    lines = training_table(study(runs), by_run)
+    assert "| run | epoch 10 | epoch 20 |" in lines
+    assert "| none | 41.00 | 51.00 |" in lines  # mean over the two seeds
+    assert "| conv | 45.00 (+4.00) | 52.00 (+1.00) |" in lines  # the gain shrinks with training here
+    assert "| both | 48.00 (+7.00) | 56.00 (+5.00) |" in lines
+    last = lines[-1]
+    assert "conv 69.70, inv 59.60" in last and "`both` (56.00)" in last
+    assert "13.70 points below conv" in last and "3.60 points below inv" in last
+    # The study it extends gives its final figures (and gains) as a last column; a run it lacks is said so.
+    parent = {"none": rows(39.0, 40.0), "both": rows(51.5, 52.5)}
+    lines = training_table(study(runs), by_run, parent)
+    assert "| both | 48.00 (+7.00) | 56.00 (+5.00) | 52.00 (+12.50) (2 seeds) |" in lines
+    assert "| conv | 45.00 (+4.00) | 52.00 (+1.00) | not run |" in lines
+
+
+def test_the_table_along_training_keeps_only_epochs_every_seed_scored():
+    by_run = {"none": curved({5: 30.0, 10: 40.0}, {10: 41.0})}
+    lines = training_table(study([{"name": "none", "mode": "none"}]), by_run)
+    assert "| run | epoch 10 |" in lines and "| none | 40.50 |" in lines
+    assert training_table(study(), {}) == []
+
+
+@pytest.mark.parametrize("n", [1, 8, 9, 16, 60])
+def test_the_table_along_training_shows_at_most_eight_epochs_ending_with_the_last(n):
+    chosen = _columns(list(range(1, n + 1)))
+    assert len(chosen) <= 8 and chosen[-1] == n and chosen == sorted(set(chosen))
 
 
 def test_partition_adds_up_and_keeps_agreement_apart():

@@ -90,16 +90,30 @@ def full_partition(pair: dict[str, float]) -> dict[str, float]:
             "neither_right": 100.0 - pair["either_right"]}
 
 
+def teachers_of(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{checkpoint: its top-1 and top-5} over every run evaluated with ``--teachers``, each teacher once (runs may
+    learn from different teachers: a single-teacher run beside the pair)."""
+    teachers: dict[str, dict[str, float]] = {}
+    for r in runs:
+        if r["eval"] and "teachers" in r["eval"]:
+            for path, t in zip(r["eval"]["teacher_checkpoints"], r["eval"]["teachers"]):
+                teachers.setdefault(path, t)
+    return teachers
+
+
+def teacher_label(checkpoint: str) -> str:
+    """A short name for a teacher checkpoint: its file name, or its folder's when the file is train-teacher's
+    default ``teacher``."""
+    path = Path(checkpoint)
+    return path.parent.name if path.stem == "teacher" and path.parent.name else path.stem
+
+
 def teacher_section(runs: list[dict[str, Any]]) -> list[str]:
     evaluated = [r for r in runs if r["eval"] and "teachers" in r["eval"]]
     if not evaluated:
         return ["No run was evaluated with `--teachers`: run `libkd evaluate RUN/student --teachers T...` for the "
                 "teachers' accuracy, complementarity and token agreement."]
-    # Runs may learn from different teachers (a single-teacher run beside the pair): list every teacher once.
-    teachers: dict[str, dict[str, float]] = {}
-    for r in evaluated:
-        for path, t in zip(r["eval"]["teacher_checkpoints"], r["eval"]["teachers"]):
-            teachers.setdefault(path, t)
+    teachers = teachers_of(evaluated)
     lines = ["| teacher | top-1 | top-5 |", "|---|---|---|"]
     lines += [f"| `{path}` | {t['top1']:.2f} | {t['top5']:.2f} |" for path, t in teachers.items()]
     paired = next((r["eval"] for r in evaluated if r["eval"].get("teacher_pair")), None)
@@ -142,7 +156,8 @@ def line_styles(names: list[str]) -> dict[str, tuple[str, str, str]]:
 
 
 def plot(runs: list[dict[str, Any]], out: Path) -> list[str]:
-    """Accuracy per epoch and accuracy against wall-clock time, every run on one chart each."""
+    """Accuracy per epoch and accuracy against wall-clock time, every run on one chart each, with the teachers'
+    top-1 as black lines where the runs were evaluated with them (how far the students are from their teachers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,15 +168,18 @@ def plot(runs: list[dict[str, Any]], out: Path) -> list[str]:
     for name, xlabel, xs in (("accuracy_per_epoch.png", "epoch", lambda h: [e["epoch"] for e in h]),
                              ("accuracy_vs_time.png", "training time (min)",
                               lambda h: [sum(e["train_seconds"] for e in h[: i + 1]) / 60 for i in range(len(h))])):
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        fig, ax = plt.subplots(figsize=(8.0, 4.2))
         for r in runs:  # epochs without a score (train.eval_every > 1) are left out
             points = [(x, e["val_top1"]) for x, e in zip(xs(r["history"]), r["history"]) if e["val_top1"] is not None]
             colour, style, marker = styles[r["name"]]
             ax.plot(*zip(*points), marker=marker, markersize=3, color=colour, linestyle=style, label=r["name"])
+        for (checkpoint, t), style in zip(teachers_of(runs).items(), (":", "--", "-.", (0, (1, 3)))):
+            ax.axhline(t["top1"], color="black", linestyle=style, linewidth=1,
+                       label=f"teacher {teacher_label(checkpoint)} ({t['top1']:.1f})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: curves stay visible
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)

@@ -536,6 +536,10 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
             described + f"{len(rows)}/{spec.seeds} | **{_mean_spread([r['top1'] for r in rows])}** | "
             f"{', '.join(format(r['top1'], '.2f') for r in rows)} | {statistics.mean(r['ece'] for r in rows):.3f} | "
             f"{statistics.mean(r['img_s'] for r in rows):.0f} | {statistics.mean(r['train_s'] for r in rows) / 60:.1f} min |")
+    parent = _by_run(study.parent.finished_runs()) if study.parent is not None and study.parent.final_base else None
+    along = training_table(study, by_run, parent)
+    if along:
+        lines += ["", "## Along training", "", *along]
     lines += ["", "## Claims", "", *claims(study, by_run)]
     timings = study.out / "timings.json"
     if timings.is_file():
@@ -562,8 +566,75 @@ def _by_run(finished: list[tuple[RunSpec, int, Path]]) -> dict[str, list[dict[st
         history = run["history"]
         by_run.setdefault(spec.name, []).append({
             "seed": seed, "top1": run["eval"]["top1"], "ece": run["eval"]["ece"],
-            "train_s": sum(h["train_seconds"] for h in history), "img_s": statistics.mean(h["images_per_s"] for h in history)})
+            "train_s": sum(h["train_seconds"] for h in history), "img_s": statistics.mean(h["images_per_s"] for h in history),
+            "curve": {h["epoch"]: h["val_top1"] for h in history if h["val_top1"] is not None},
+            "teachers": {name: t["top1"] for name, t in zip(spec.teachers, run["eval"].get("teachers") or [])}})
     return by_run
+
+
+def _columns(epochs: list[int], most: int = 8) -> list[int]:
+    """At most ``most`` of the scored epochs, evenly spread and always with the last."""
+    if len(epochs) <= most:
+        return epochs
+    step = -(-len(epochs) // most)
+    return epochs[::-1][::step][::-1]
+
+
+def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
+                   parent: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
+    """Test top-1 along training, mean over seeds, with each distilled run's gain over the run without teachers at
+    the same epoch; the study this one extends (``parent``) gives its final figures as a last column; the teachers'
+    own top-1 closes it. Answers: does the gain grow or shrink with training, does the ordering hold, how close do
+    the students get to their teachers."""
+    names = [s.name for s in study.cfg.runs if s.name in by_run]
+    if not names:
+        return []
+    scored = sorted(set.intersection(*(set(r["curve"]) for n in names for r in by_run[n])))
+    if not scored:
+        return []
+    columns = _columns(scored)
+
+    def at(name: str, epoch: int) -> float:
+        return statistics.mean(r["curve"][epoch] for r in by_run[name])
+
+    baseline = _roles(study.cfg).get("baseline")
+    baseline = baseline if baseline in by_run else None
+    parent_epochs = study.parent.final_base.train.epochs if study.parent is not None and study.parent.final_base else None
+    extra = [f"{parent_epochs or 'final'} epochs (`{study.cfg.extends}`)"] if parent is not None else []
+    lines = ["Test top-1 at the epochs every finished seed scored (`train.eval_every`), mean over seeds"
+             + (f"; in brackets the gain over `{baseline}` at the same epoch" if baseline else "")
+             + (f"; the last column is the same run in `{study.cfg.extends}`, whose schedule this study lengthens or "
+                "shortens" if parent is not None else "") + ".", "",
+             "| run | " + " | ".join(f"epoch {e}" for e in columns) + "".join(f" | {x}" for x in extra) + " |",
+             "|---|" + "---|" * (len(columns) + len(extra))]
+    for name in names:
+        cells = []
+        for e in columns:
+            gain = f" ({at(name, e) - at(baseline, e):+.2f})" if baseline and name != baseline else ""
+            cells.append(f"{at(name, e):.2f}{gain}")
+        if parent is not None:
+            rows, base_rows = parent.get(name), parent.get(baseline) if baseline else None
+            if rows:
+                mean = statistics.mean(r["top1"] for r in rows)
+                gain = (f" ({mean - statistics.mean(r['top1'] for r in base_rows):+.2f})"
+                        if base_rows and name != baseline else "")
+                cells.append(f"{mean:.2f}{gain} ({len(rows)} seed{'s' if len(rows) > 1 else ''})")
+            else:
+                cells.append("not run")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    teachers: dict[str, float] = {}
+    for rows in by_run.values():
+        for r in rows:
+            for t, top1 in r["teachers"].items():
+                teachers.setdefault(t, top1)
+    if teachers:
+        best = max(names, key=lambda n: statistics.mean(r["top1"] for r in by_run[n]))
+        final = statistics.mean(r["top1"] for r in by_run[best])
+        lines += ["", f"The teachers on the same split: " + ", ".join(f"{t} {v:.2f}" for t, v in teachers.items())
+                  + f". The best student, `{best}` ({final:.2f}), is "
+                  + ", ".join(f"{abs(final - v):.2f} points {'below' if final < v else 'above'} {t}" for t, v in teachers.items())
+                  + "."]
+    return lines
 
 
 def tuning_table(record: dict[str, Any]) -> list[str]:
