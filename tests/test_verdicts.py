@@ -125,6 +125,19 @@ def test_the_table_along_training_gives_each_runs_gain_over_no_teacher_at_each_e
     assert "| conv | 45.00 (+4.00) | 52.00 (+1.00) | not run |" in lines
 
 
+def test_the_gain_over_no_teacher_is_compared_with_the_shorter_schedule_by_the_noise_rule():
+    runs = [{"name": "none", "mode": "none"}, {"name": "conv", "mode": "store", "teachers": ["conv"]},
+            {"name": "both", "mode": "store", "teachers": ["conv", "inv"]}]
+    # s = 0.1414 on 1 dof (none's two seeds); t SE = 12.71 x 0.1414 x sqrt(1 + 1/2 + 1/3 + 1/3) = 2.65 for both.
+    by_run = {"none": curved({20: 50.0}, {20: 50.2}), "conv": curved({20: 61.0}), "both": curved({20: 56.0})}
+    parent = {"none": rows(39.0, 40.0, 39.5), "conv": rows(49.0, 49.5, 50.0), "both": rows(51.5, 52.5, 52.0)}
+    text = "\n".join(training_table(study(runs), by_run, parent))
+    assert "`both`'s gain over `none`: +12.50 in `None`, +5.90 here (change -6.60, t SE 2.65): **shrinks, holds beyond seed noise**" in text
+    assert "`conv`'s gain over `none`: +10.00 in `None`, +10.90 here (change +0.90, t SE 2.65): **within seed noise**" in text
+    by_run["none"] = curved({20: 50.0})  # no seed spread here, none borrowed: nothing is judged
+    assert "no seed spread to judge it): **not tested**" in "\n".join(training_table(study(runs), by_run, parent))
+
+
 def test_the_table_along_training_keeps_only_epochs_every_seed_scored():
     by_run = {"none": curved({5: 30.0, 10: 40.0}, {10: 41.0})}
     lines = training_table(study([{"name": "none", "mode": "none"}]), by_run)

@@ -580,6 +580,28 @@ def _columns(epochs: list[int], most: int = 8) -> list[int]:
     return epochs[::-1][::step][::-1]
 
 
+def gain_changes(study: Study, by_run: dict[str, list[dict[str, Any]]], parent: dict[str, list[dict[str, Any]]],
+                 baseline: str) -> list[str]:
+    """Whether each run's final gain over ``baseline`` grew or shrank against the study this one extends, judged by
+    the noise rule: the change of gain against t SE, SE = s * sqrt(1/n + 1/n_base + 1/n' + 1/n'_base)."""
+    sd, dof, _ = seed_noise(study, by_run)
+    lines = []
+    for name in [s.name for s in study.cfg.runs if s.name in by_run and s.name != baseline and s.name in parent]:
+        groups = [[r["top1"] for r in rows] for rows in (by_run[name], by_run[baseline], parent[name], parent[baseline])]
+        here, there = (statistics.mean(groups[0]) - statistics.mean(groups[1]),
+                       statistics.mean(groups[2]) - statistics.mean(groups[3]))
+        change = here - there
+        if sd is None:
+            verdict, judged = UNTESTED, "no seed spread to judge it"
+        else:
+            threshold = _t95(dof) * sd * sum(1 / len(g) for g in groups) ** 0.5
+            verdict = (f"grows, {HOLDS}" if change > threshold else f"shrinks, {HOLDS}" if change < -threshold else WITHIN)
+            judged = f"t SE {threshold:.2f}"
+        lines.append(f"- `{name}`'s gain over `{baseline}`: {there:+.2f} in `{study.cfg.extends}`, {here:+.2f} here "
+                     f"(change {change:+.2f}, {judged}): **{verdict}**.")
+    return lines
+
+
 def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
                    parent: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
     """Test top-1 along training, mean over seeds, with each distilled run's gain over the run without teachers at
@@ -622,6 +644,8 @@ def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
             else:
                 cells.append("not run")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if parent is not None and baseline and baseline in parent:
+        lines += ["", *gain_changes(study, by_run, parent, baseline)]
     teachers: dict[str, float] = {}
     for rows in by_run.values():
         for r in rows:
@@ -746,14 +770,20 @@ def _missing(study: Study, names: list[str | None], by_run: dict[str, list[dict[
     return "; ".join(parts)
 
 
+def seed_noise(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> tuple[float | None, int, bool]:
+    """(pooled seed standard deviation, its degrees of freedom, whether it was borrowed): with one seed per run here,
+    the seed spread of the study this one extends, at that study's schedule."""
+    sd, dof = pooled_sd(by_run)
+    if sd is None and study.parent is not None and study.parent.final_base is not None:
+        return (*pooled_sd(_by_run(study.parent.finished_runs())), True)
+    return sd, dof, False
+
+
 def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The method's claims, each with a noise-aware verdict (see NOISE_RULE) and the figures that decide it."""
     roles = _roles(study.cfg)
     top1 = {name: [r["top1"] for r in rows] for name, rows in by_run.items()}
-    sd, dof = pooled_sd(by_run)
-    borrowed = sd is None and study.parent is not None and study.parent.final_base is not None
-    if borrowed:  # one seed per run here: the seed spread of the study this one extends, at its own schedule
-        sd, dof = pooled_sd(_by_run(study.parent.finished_runs()))
+    sd, dof, borrowed = seed_noise(study, by_run)
 
     def fmt(name: str) -> str:
         return f"{name} {statistics.mean(top1[name]):.2f} ({len(top1[name])} seed{'s' if len(top1[name]) > 1 else ''})"
