@@ -540,7 +540,7 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
     along = training_table(study, by_run, parent)
     if along:
         lines += ["", "## Along training", "", *along]
-    lines += ["", "## Claims", "", *claims(study, by_run)]
+    lines += ["", "## Claims", "", *claims(study, by_run, parent)]
     timings = study.out / "timings.json"
     if timings.is_file():
         spent: dict[str, float] = {}
@@ -584,7 +584,7 @@ def gain_changes(study: Study, by_run: dict[str, list[dict[str, Any]]], parent: 
                  baseline: str) -> list[str]:
     """Whether each run's final gain over ``baseline`` grew or shrank against the study this one extends, judged by
     the noise rule: the change of gain against t SE, SE = s * sqrt(1/n + 1/n_base + 1/n' + 1/n'_base)."""
-    sd, dof, _ = seed_noise(study, by_run)
+    sd, dof, _ = seed_noise(study, by_run, parent)
     lines = []
     for name in [s.name for s in study.cfg.runs if s.name in by_run and s.name != baseline and s.name in parent]:
         groups = [[r["top1"] for r in rows] for rows in (by_run[name], by_run[baseline], parent[name], parent[baseline])]
@@ -770,20 +770,23 @@ def _missing(study: Study, names: list[str | None], by_run: dict[str, list[dict[
     return "; ".join(parts)
 
 
-def seed_noise(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> tuple[float | None, int, bool]:
+def seed_noise(study: Study, by_run: dict[str, list[dict[str, Any]]],
+               parent: dict[str, list[dict[str, Any]]] | None = None) -> tuple[float | None, int, bool]:
     """(pooled seed standard deviation, its degrees of freedom, whether it was borrowed): with one seed per run here,
-    the seed spread of the study this one extends, at that study's schedule."""
+    the seed spread of the study this one extends (``parent``, its runs, read when not given), at its schedule."""
     sd, dof = pooled_sd(by_run)
     if sd is None and study.parent is not None and study.parent.final_base is not None:
-        return (*pooled_sd(_by_run(study.parent.finished_runs())), True)
+        return (*pooled_sd(parent if parent is not None else _by_run(study.parent.finished_runs())), True)
     return sd, dof, False
 
 
-def claims(study: Study, by_run: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """The method's claims, each with a noise-aware verdict (see NOISE_RULE) and the figures that decide it."""
+def claims(study: Study, by_run: dict[str, list[dict[str, Any]]],
+           parent: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
+    """The method's claims, each with a noise-aware verdict (see NOISE_RULE) and the figures that decide it;
+    ``parent``: the runs of the study this one extends, when already read."""
     roles = _roles(study.cfg)
     top1 = {name: [r["top1"] for r in rows] for name, rows in by_run.items()}
-    sd, dof, borrowed = seed_noise(study, by_run)
+    sd, dof, borrowed = seed_noise(study, by_run, parent)
 
     def fmt(name: str) -> str:
         return f"{name} {statistics.mean(top1[name]):.2f} ({len(top1[name])} seed{'s' if len(top1[name]) > 1 else ''})"
