@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +132,30 @@ def test_a_killed_study_resumes_the_missing_runs_only(finished_study, capsys):
     out = capsys.readouterr().out
     assert out.count("done, reusing it") == 7 and "run 8/8: both-s1 (store, teachers ['conv', 'inv'], per-token): running" in out
     assert (tmp_path / "study" / "runs" / "both-s1" / "student.eval.json").is_file()
+
+
+def test_a_killed_step_keeps_the_time_it_spent_and_a_resumption_adds_to_it(tmp_path):
+    """timings.json is rewritten while a step runs: a SIGKILLed study (a session's end) keeps what it spent."""
+    config = study_yaml(tmp_path)
+    code = f"""
+import os, signal, time
+import libkd.study as study
+study.TIMING_FLUSH_S = 0.05
+s = study.Study(study.load_study({str(config)!r}))
+with s.timed("run none-s0"):
+    time.sleep(0.6)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    spent = json.loads((tmp_path / "study" / "timings.json").read_text())["run none-s0"]
+    assert 0.4 <= spent < 60
+
+    resumed = Study(load_study(config))
+    with resumed.timed("run none-s0"):
+        time.sleep(0.3)
+    timings = json.loads((tmp_path / "study" / "timings.json").read_text())
+    assert timings["run none-s0"] >= spent + 0.2 and set(timings) == {"run none-s0"}
 
 
 def test_a_fresh_machine_resumes_from_the_committed_results(finished_study, capsys):

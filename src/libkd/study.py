@@ -16,6 +16,7 @@ import itertools
 import json
 import shutil
 import statistics
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,6 +154,10 @@ def _short_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+TIMING_FLUSH_S = 60.0  # how often a running step's wall time is written to timings.json
+_TIMINGS_LOCK = threading.Lock()  # one read-modify-write of timings.json at a time
+
+
 def _log(message: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -172,19 +177,39 @@ class Study:
 
     @contextmanager
     def timed(self, key: str):
-        """Add this step's wall time to OUT/timings.json (summed over resumptions; a reused step adds its check)."""
+        """Add this step's wall time to OUT/timings.json (summed over resumptions; a reused step adds its check).
+
+        The sum is rewritten every ``TIMING_FLUSH_S`` seconds while the step runs, not only when it ends, so a
+        killed job (a session's end, the OOM killer) loses at most that much of its time instead of all of it."""
         from libkd.fileio import write_json_atomic
 
+        path = self.out / "timings.json"
+        if not path.is_file() and self.results and (self.results / path.name).is_file():  # another machine's
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.results / path.name, path)
+        before = json.loads(path.read_text()).get(key, 0.0) if path.is_file() else 0.0
         start = time.perf_counter()
+
+        def flush() -> None:
+            with _TIMINGS_LOCK:
+                timings = json.loads(path.read_text()) if path.is_file() else {}
+                timings[key] = round(before + time.perf_counter() - start, 1)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, timings)
+
+        def heartbeat() -> None:
+            while not done.wait(TIMING_FLUSH_S):
+                flush()
+
+        done = threading.Event()
+        beat = threading.Thread(target=heartbeat, name=f"timings {key}", daemon=True)
+        beat.start()
         try:
             yield
         finally:
-            path = self.out / "timings.json"
-            if not path.is_file() and self.results and (self.results / path.name).is_file():  # another machine's
-                shutil.copy2(self.results / path.name, path)
-            timings = json.loads(path.read_text()) if path.is_file() else {}
-            timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - start, 1)
-            write_json_atomic(path, timings)
+            done.set()
+            beat.join()
+            flush()
 
     # ------------------------------------------------------------------ teachers and stores
 
