@@ -425,3 +425,22 @@ def test_a_topk_store_is_read_at_the_runs_temperature_and_refuses_one_it_lacks(t
     assert distill(run_config(tmp_path / "t2", "distill.tau=2.0", *common))["train_loss"] > 0
     # Hard targets are the teacher's argmax, the same at any tau: no tail is needed, so nothing is refused.
     assert distill(run_config(tmp_path / "hard", "distill.kind=hard", "distill.tau=3.0", *common))["train_loss"] > 0
+
+
+def test_each_scored_epoch_records_each_tokens_agreement_with_its_teacher_from_cached_teacher_logits(
+        tmp_path, teachers, stores, monkeypatch, isolated_cache):
+    from libkd import teachers as teachers_module
+
+    distill(run_config(tmp_path / "a", "distill.mode=store", f"distill.store={stores['consistent']}", "train.eval_every=1"))
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(x["val_token_agreement"]) == 2 and all(0 <= a <= 100 for a in x["val_token_agreement"]) for x in lines)
+    assert main(["evaluate", str(tmp_path / "a" / "student"), "--teachers", *teachers]) == 0
+    result = json.loads((tmp_path / "a" / "student.eval.json").read_text())
+    assert lines[-1]["val_token_agreement"] == pytest.approx(result["token_teacher_agreement"], abs=1e-6)
+    assert list((isolated_cache / "teacher-logits").glob("*.pt"))
+    # The teachers ran once for this split: a second run reads their logits from the cache.
+    monkeypatch.setattr(teachers_module, "teacher_logits", lambda *a, **k: pytest.fail("the teachers ran again"))
+    distill(run_config(tmp_path / "b", "distill.mode=store", f"distill.store={stores['consistent']}", "train.epochs=1"))
+    assert len(json.loads((tmp_path / "b" / "metrics.jsonl").read_text())["val_token_agreement"]) == 2
+    distill(run_config(tmp_path / "c", "distill.mode=none", "train.epochs=1"))  # no tokens, nothing to agree with
+    assert "val_token_agreement" not in json.loads((tmp_path / "c" / "metrics.jsonl").read_text())

@@ -484,3 +484,36 @@ def test_topk_store_keeps_tempered_tails_and_verifies_them(tmp_path, teachers, c
     other = config(tmp_path, teachers, "store.encoding=topk", "store.topk=2", "store.topk_taus=[2.0]")
     with pytest.raises(StoreError, match="topk_taus"):
         precompute(other)
+
+
+def test_a_store_grows_to_more_views_computing_only_the_new_ones_with_the_bytes_of_a_fresh_build(tmp_path, teachers, monkeypatch):
+    precompute(config(tmp_path, teachers, "store.views=2", name="small"))
+    precompute(config(tmp_path, teachers, "store.views=5", name="fresh"))
+    seen = []
+    original = precompute_module.teacher_logits
+
+    def counting(ts, images, *args):
+        seen.append(len(images))
+        return original(ts, images, *args)
+
+    monkeypatch.setattr(precompute_module, "teacher_logits", counting)
+    precompute(config(tmp_path, teachers, "store.views=5", f"store.grow_from={tmp_path / 'small'}", name="grown"))
+    assert sum(seen) == 48 * 3  # 48 samples x the 3 new views; the source's 2 views are copied, not recomputed
+    grown, fresh = store_bytes(tmp_path / "grown"), store_bytes(tmp_path / "fresh")
+    assert {k: v for k, v in grown.items() if k.endswith(".npy")} == {k: v for k, v in fresh.items() if k.endswith(".npy")}
+    manifest = json.loads((tmp_path / "grown" / "manifest.json").read_text())
+    assert manifest["views"] == 5 and manifest["grown_from"] == {"path": str(tmp_path / "small"), "views": 2}
+    assert manifest["replay_probe"] == json.loads((tmp_path / "fresh" / "manifest.json").read_text())["replay_probe"]
+    assert verify_store(tmp_path / "grown", samples=8)["max_abs_diff"] < 1e-2
+
+
+def test_growing_from_a_store_of_another_recipe_or_as_many_views_is_refused_by_name(tmp_path, teachers):
+    precompute(config(tmp_path, teachers, "store.views=2", name="small"))
+    with pytest.raises(StoreError, match=r"augmentation sha256"):
+        precompute(config(tmp_path, teachers, "store.views=4", "replay.hflip=0.0", f"store.grow_from={tmp_path / 'small'}",
+                          name="other"))
+    with pytest.raises(StoreError, match=r"already has 2 views"):
+        precompute(config(tmp_path, teachers, "store.views=2", f"store.grow_from={tmp_path / 'small'}", name="same"))
+    with pytest.raises(StoreError, match=r"no store at"):
+        precompute(config(tmp_path, teachers, "store.views=4", f"store.grow_from={tmp_path / 'missing'}", name="none"))
+    assert not (tmp_path / "other" / "manifest.json").exists()  # nothing half-made is left to resume by mistake

@@ -123,6 +123,10 @@ class StoreConfig(Section):
     # across thread counts the fp32 sums round differently and records agree within fp16 rounding.
     threads: int | None = Field(None, ge=1)
     verify_samples: int = Field(64, ge=1)
+    # A complete store of the same data, teachers, recipe, seed and encoding with fewer views: its records are
+    # copied as views 0..V_old-1 (view v of sample i is seeded by (seed, i, v), so they are the same records) and
+    # only the new views are computed. The result has the bytes of a store built with all the views at once.
+    grow_from: str | None = None
 
 
 class ModelConfig(Section):

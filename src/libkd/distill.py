@@ -23,18 +23,19 @@ import torch
 
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, ReplayConfig, StoreConfig, save_config
+from libkd.data import cache_dir
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.distributed import barrier, setup
 from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, save_resume_state, train_one_epoch,
                           worker_init, write_history)
-from libkd.evaluate import collect, score, val_loader
+from libkd.evaluate import collect, score, token_agreement, val_loader
 from libkd.fileio import disk_full_is_an_error, write_json_atomic
 from libkd.losses import DistillationLoss
 from libkd.models import count_parameters, create_model, read_meta, save_checkpoint, teacher_kind
 from libkd.store import LogitStore, read_manifest
 from libkd.store.codec import tail_column
 from libkd.store.precompute import store_identity, view_spec
-from libkd.teachers import check_classes, load_teachers, teacher_logits
+from libkd.teachers import cached_val_logits, check_classes, load_teachers, teacher_logits
 from libkd.train_teacher import load_splits, seed_everything
 
 STATE_FILE = "last_state.pt"
@@ -165,6 +166,12 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         collate_fn=WithStoredTargets(store, columns, read_tau) if store is not None else None)
     spec = {"input_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std}
     evaluation, _ = val_loader(cfg.data, spec, cfg.train.eval_batch_size, cfg.seed, cfg.train.workers)
+    # Each token's agreement with its teacher on the validation split at every scored epoch: does the student learn
+    # the teachers' function beyond the views it was trained on? The teachers run once per split (cached).
+    teacher_paths = [t.path for t in teachers] if teachers else [manifest["teacher_checkpoints"][i] for i in columns] if manifest else []
+    val_teachers = None
+    if tokens and rank == 0 and all(Path(p).with_suffix(".json").is_file() for p in teacher_paths):
+        val_teachers = cached_val_logits(teacher_paths, evaluation, spec, val.fingerprint, cache_dir(cfg.data), device)
     steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
@@ -243,8 +250,11 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
         final = ema.module if ema else model  # what is evaluated and saved as the student
         stats.update(epoch=epoch + 1, view=epoch % views, val_top1=None, val_top5=None, val_heads_top1=None)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            scores = score(collect(final, evaluation, device, cfg.train.amp), train.classes, full=False)
+            outputs = collect(final, evaluation, device, cfg.train.amp)
+            scores = score(outputs, train.classes, full=False)
             stats.update(val_top1=scores["top1"], val_top5=scores["top5"], val_heads_top1=[h["top1"] for h in scores["heads"]])
+            if val_teachers is not None:
+                stats["val_token_agreement"] = token_agreement(outputs["heads"][1:], val_teachers, cfg.distill.tau)
         history.append(stats)
         if writer is not None:
             for key in ("train_loss", "val_top1", "val_top5", "lr", "images_per_s"):
@@ -252,11 +262,15 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
                     writer.add_scalar(key, stats[key], epoch + 1)
             for h, top1 in enumerate(stats["val_heads_top1"] or []):
                 writer.add_scalar(f"val_top1_head{h}", top1, epoch + 1)
+            for t, agreement in enumerate(stats.get("val_token_agreement") or []):
+                writer.add_scalar(f"val_agreement_token{t + 1}", agreement, epoch + 1)
             for record in step_log:
                 writer.add_scalar("step_loss", record["loss"], epoch * steps + record["step"])
             writer.flush()
         scored = "" if stats["val_top1"] is None else (
-            f"  val top-1 {stats['val_top1']:.2f} (heads {' '.join(f'{t:.2f}' for t in stats['val_heads_top1'])})")
+            f"  val top-1 {stats['val_top1']:.2f} (heads {' '.join(f'{t:.2f}' for t in stats['val_heads_top1'])})"
+            + (f", agreement with teachers {' '.join(f'{a:.1f}%' for a in stats['val_token_agreement'])}"
+               if stats.get("val_token_agreement") else ""))
         log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}{scored}  {stats['images_per_s']:.0f} img/s")
         if rank == 0:
             _append_steps(out, epoch, steps, step_log)  # before the state: a kill in between leaves lines a resume drops

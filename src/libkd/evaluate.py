@@ -81,18 +81,28 @@ def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = Tru
         teachers = outputs["teachers"]
         result["teachers"] = [{"top1": accuracy(t, labels), "top5": accuracy(t, labels, 5)} for t in teachers]
         tokens = heads[1:]
-        if len(tokens) == len(teachers):
-            targets = [t.argmax(-1) for t in teachers]
-        elif len(tokens) == 1:  # one token learning the teachers' mean distribution at the temperature it was trained at
-            targets = [(teachers / tau).softmax(-1).mean(0).argmax(-1)]
-        else:
-            targets = []
-        result["token_teacher_agreement"] = [100.0 * (h.argmax(-1) == t).float().mean().item() for h, t in zip(tokens, targets)]
+        targets = token_targets(len(tokens), teachers, tau)
+        result["token_teacher_agreement"] = token_agreement(tokens, teachers, tau)
         # each token against what it learned from (its teacher, or the teachers' mean): who is right where
         result["token_teacher_partition"] = [partition(h.argmax(-1), t, labels) for h, t in zip(tokens, targets)]
         if len(teachers) == 2:
             result["teacher_pair"] = partition(teachers[0].argmax(-1), teachers[1].argmax(-1), labels)
     return result
+
+
+def token_targets(tokens: int, teachers: torch.Tensor, tau: float = 1.0) -> list[torch.Tensor]:
+    """What each teacher token learned to predict, as class indices: its own teacher's argmax (one token per
+    teacher), or the argmax of the teachers' mean distribution at the temperature it was trained at (one mean token)."""
+    if tokens == len(teachers):
+        return [t.argmax(-1) for t in teachers]
+    if tokens == 1:
+        return [(teachers / tau).softmax(-1).mean(0).argmax(-1)]
+    return []
+
+
+def token_agreement(tokens: torch.Tensor | list[torch.Tensor], teachers: torch.Tensor, tau: float = 1.0) -> list[float]:
+    """Per teacher token, the percentage of images on which its head's class is what it learned to predict."""
+    return [100.0 * (h.argmax(-1) == t).float().mean().item() for h, t in zip(tokens, token_targets(len(tokens), teachers, tau))]
 
 
 def _teachers_for(path: str, meta: dict[str, Any], given: list[str] | None) -> tuple[list[str] | None, str | None]:

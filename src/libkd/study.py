@@ -53,6 +53,11 @@ class RunSpec(Section):
     # A new augmented view every epoch (V = epochs) instead of the store's V views: for online teachers, this
     # measures what the store's fixed views cost against what online distillation can do.
     fresh_views: bool = False
+    # The store's number of views for this run (default: the study's store.views). A store with more views is its
+    # own store, grown from the largest smaller one of the same seed and recipe (its views are not recomputed).
+    views: int | None = Field(None, ge=1)
+    # Settings of this run on top of the study's and the search's (e.g. function matching: distill.alpha: 1.0).
+    set: dict[str, Any] = {}
     seeds: int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -283,24 +288,30 @@ class Study:
         _log(f"teacher '{name}': using the committed weights {theirs[:16]} from '{landed}' "
              f"(val top-1 {record.get('metrics', {}).get('val_top1', float('nan')):.2f}), not retraining")
 
-    def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores", build: bool = True) -> str:
-        """Where the store for these data, recipe and seed lives (built and verified on first use when ``build``)."""
+    def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores", build: bool = True,
+                   views: int | None = None) -> str:
+        """Where the store for these data, recipe, seed and views lives (built and verified on first use when ``build``;
+        a store of more views than the study's is grown from the largest smaller one already built)."""
         from libkd.store.precompute import precompute, verify_store
 
         if self.parent:  # the same teachers, data, recipe and store settings: the same store
-            return self.parent.store_path(base, seed, naive, where, build)
+            return self.parent.store_path(base, seed, naive, where, build, views)
 
+        settings = self.cfg.store.model_copy(update={"views": views}) if views and not naive else self.cfg.store
         key = {"data": base.data.model_dump(mode="json"), "replay": None if naive else base.replay.model_dump(mode="json"),
-               "store": self.cfg.store.model_dump(mode="json", exclude={"path", "teachers"})}
+               "store": settings.model_dump(mode="json", exclude={"path", "teachers", "grow_from"})}
         if naive:  # one clean view: no seed enters it, so every run shares one store
             seed = self.cfg.seeds[0]
         path = self.out / where / (f"naive-{_short_hash(key)}" if naive else f"seed{seed}-{_short_hash(key)}")
         replay = base.replay.model_copy(update={"enabled": False}) if naive else base.replay
-        store = self.cfg.store.model_copy(update={"path": str(path), "views": 1 if naive else self.cfg.store.views,
-                                                  "teachers": [self.teacher_path(t) for t in self.cfg.teachers]})
+        store = settings.model_copy(update={"path": str(path), "views": 1 if naive else settings.views,
+                                            "teachers": [self.teacher_path(t) for t in self.cfg.teachers]})
         if not build:
             return str(path)
-        _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'} -> {path}")
+        if not naive:
+            store.grow_from = _smaller_store(path, base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
+        grown = f", grown from {Path(store.grow_from).name}" if store.grow_from else ""
+        _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'}{grown} -> {path}")
         with self.timed(f"store {where}/{path.name}"):
             precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
         if str(path) not in self.verified:  # checksums, and a sample of records recomputed by the teachers
@@ -317,10 +328,11 @@ class Study:
         distill = base.distill.model_copy(update={"mode": spec.mode, "teachers": teachers, "combine": spec.combine,
                                                   "naive_store": spec.naive_store, "store": None})
         if spec.mode == "store":
-            distill.store = self.store_path(base, seed, spec.naive_store, stores, build)
+            distill.store = self.store_path(base, seed, spec.naive_store, stores, build, spec.views)
         # Runs without a store replay the store's number of views, so every mode sees the same stream, unless they
         # ask for a fresh view every epoch.
-        store = base.store.model_copy(update={"views": base.train.epochs if spec.fresh_views else self.cfg.store.views})
+        views = base.train.epochs if spec.fresh_views else spec.views or self.cfg.store.views
+        store = base.store.model_copy(update={"views": views})
         return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill, "store": store})
 
     def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]:
@@ -342,7 +354,8 @@ class Study:
     def base_for(self, spec: RunSpec) -> ExperimentConfig:
         """The base a run trains from: the study's base with the search's global choices and the run's own."""
         assert self.final_base is not None, "the settings search runs first"
-        own = {**self.chosen_by_run.get(spec.name, {}), **self.cfg.set}  # set: (a study that extends another) wins
+        # set: (a study that extends another) wins over the search, and the run's own set: over both
+        own = {**self.chosen_by_run.get(spec.name, {}), **self.cfg.set, **spec.set}
         return _with(self.final_base, own) if own else self.final_base
 
     def tune(self) -> dict[str, Any]:
@@ -382,7 +395,8 @@ class Study:
                 _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
                 out = self.out / "tune" / name
                 cfg = self.run_config(spec, self.cfg.seeds[0], trial_base, out, stores="tune/stores", build=False)
-                config_sha = _short_hash(cfg.model_dump(mode="json", exclude={"out": True, "distill": {"store": True, "teachers": True}}))
+                config_sha = _short_hash(cfg.model_dump(mode="json", exclude={"out": True, "distill": {"store": True, "teachers": True},
+                                                                               "store": {"grow_from"}}))
                 landed = done.get(name)
                 if landed and landed["config_sha"] == config_sha and not (out / "student.safetensors").is_file():
                     _log(f"trial {name}: done, reusing it (from {trials_file}, committed by an earlier session)")
@@ -492,6 +506,26 @@ class Study:
                 if extra.is_file():
                     shutil.copy2(extra, results / extra.name)
         return study_md
+
+
+def _smaller_store(path: Path, cfg: ExperimentConfig) -> str | None:
+    """The complete store beside ``path`` built from the same data, recipe, seed and store settings with the most
+    views below ``cfg.store.views``: a larger store grows from it instead of recomputing its views."""
+    if (path / "manifest.json").is_file():
+        return None  # started already: precompute resumes it as it was begun
+    same = {"exclude": {"path", "views", "grow_from", "teachers"}}
+    best, best_views = None, 0
+    for sibling in sorted(path.parent.glob("*/config.yaml")):
+        manifest = sibling.parent / "manifest.json"
+        if sibling.parent == path or not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
+            continue
+        other = load_config(sibling)
+        if (other.seed, other.data, other.replay) != (cfg.seed, cfg.data, cfg.replay) or \
+                other.store.model_dump(**same) != cfg.store.model_dump(**same) or other.store.teachers != cfg.store.teachers:
+            continue
+        if best_views < other.store.views < cfg.store.views:
+            best, best_views = str(sibling.parent), other.store.views
+    return best
 
 
 def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str, ...]) -> None:

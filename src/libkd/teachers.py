@@ -7,7 +7,11 @@ Precompute (to fill a store), online distillation and ``store verify`` all call
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,15 +51,17 @@ def check_classes(path: str, meta: dict[str, Any], classes: list[str]) -> None:
         )
 
 
-def load_teachers(paths: list[str], classes: list[str], device: torch.device) -> list[Teacher]:
-    """Teacher checkpoints (NAME.safetensors + NAME.json) in eval mode, checked against the classes."""
+def load_teachers(paths: list[str], classes: list[str], device: torch.device, check: bool = True) -> list[Teacher]:
+    """Teacher checkpoints (NAME.safetensors + NAME.json) in eval mode, checked against the classes (unless ``check``
+    is off: the caller has checked them already)."""
     if not paths:
         raise LibkdError("no teachers given; name the teacher checkpoints, e.g. "
                          "--set 'store.teachers=[runs/cifar10-resnet-teacher/teacher, runs/cifar10-rednet-teacher/teacher]'")
     teachers = []
     for path in paths:
         model, meta = build_from_checkpoint(path, device)
-        check_classes(str(path), meta, classes)
+        if check:
+            check_classes(str(path), meta, classes)
         teachers.append(Teacher(model.eval(), meta, str(path)))
     return teachers
 
@@ -69,3 +75,31 @@ def teacher_logits(teachers: list[Teacher], images: torch.Tensor, mean: list[flo
     with torch.inference_mode(), torch.autocast(images.device.type, enabled=False):
         outputs = [t.model(t.prepare(images, mean, std, size)).float() for t in teachers]
     return [o.clone() for o in outputs]
+
+
+def cached_val_logits(paths: list[str], loader, spec: dict[str, Any], fingerprint: str, cache: Path,
+                      device: torch.device) -> torch.Tensor:
+    """The teachers' logits (T, N, C) on a validation loader, computed once per (teachers' weights, data, input spec)
+    and cached under ``cache/teacher-logits/``: a student scored every few epochs against its teachers pays for
+    the teachers' forward pass on the validation split once, not at every scoring."""
+    from libkd.models.checkpoint import read_meta
+
+    shas = [read_meta(p)["weights_sha256"] for p in paths]
+    key = hashlib.sha256(json.dumps([shas, fingerprint, spec], sort_keys=True).encode()).hexdigest()[:24]
+    target = cache / "teacher-logits" / f"{key}.pt"
+    if target.is_file():
+        try:
+            return torch.load(target, weights_only=True)
+        except Exception:  # a torn or foreign file: recompute it
+            target.unlink(missing_ok=True)
+    teachers = load_teachers(paths, [], device, check=False)
+    outputs = []
+    for images, _ in loader:
+        outputs.append(torch.stack([t.cpu() for t in teacher_logits(teachers, images.to(device), spec["mean"], spec["std"],
+                                                                     spec["input_size"])]))
+    logits = torch.cat(outputs, 1)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    torch.save(logits, tmp)
+    os.replace(tmp, target)
+    return logits

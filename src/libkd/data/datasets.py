@@ -187,7 +187,8 @@ def _scan_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
     return classes, files, labels
 
 
-def _cache_dir(config: DataConfig) -> Path:
+def cache_dir(config: DataConfig) -> Path:
+    """Where decoded images, content hashes and teachers' validation logits are cached for this data config."""
     if config.cache_dir:
         return Path(config.cache_dir)
     return Path(os.environ.get("LIBKD_CACHE_DIR", Path.home() / ".cache" / "libkd"))
@@ -245,7 +246,7 @@ def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
     """Read an ImageFolder tree; small images are decoded once and cached as one array."""
     root = Path(root)
     classes, files, labels = _scan_folder(root)
-    keys = [f"{f.parent.name}/{f.name}:{h}" for f, h in zip(files, content_hashes(files, _cache_dir(config)))]
+    keys = [f"{f.parent.name}/{f.name}:{h}" for f, h in zip(files, content_hashes(files, cache_dir(config)))]
     labels_arr = np.asarray(labels, dtype=np.int64)
     base = ImageDataset(classes=classes, labels=labels_arr, keys=keys, source_id="imagefolder",
                         files=files, load_size=config.load_size)
@@ -256,7 +257,7 @@ def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
 
     # The fingerprint holds every file's content hash, so an edited file is decoded again.
     cache_key = hashlib.sha256(f"{base.fingerprint}|{config.load_size}|{config.skip_corrupt}".encode()).hexdigest()[:32]
-    cache = _cache_dir(config) / f"imagefolder-{cache_key}"
+    cache = cache_dir(config) / f"imagefolder-{cache_key}"
     if (cache / "meta.json").is_file():
         meta = json.loads((cache / "meta.json").read_text())
         keep = np.asarray(meta["keep"], dtype=np.int64)

@@ -192,3 +192,9 @@ def kdvit_small_patch4_32(pretrained: bool = False, **kwargs) -> MultiTokenViT:
 def kdvit_mini_patch4_32(pretrained: bool = False, **kwargs) -> MultiTokenViT:
     """CPU-sized student for 32 px: 192 wide, 6 deep, 3 heads."""
     return _vit((32, 4, 192, 6, 3), pretrained, **kwargs)
+
+
+@register_model
+def kdvit_micro_patch4_32(pretrained: bool = False, **kwargs) -> MultiTokenViT:
+    """A student as small as the CIFAR ResNet teacher (0.71M): 96 wide, 6 deep, 3 heads, patch 4, for 32 px."""
+    return _vit((32, 4, 96, 6, 3), pretrained, **kwargs)

@@ -159,6 +159,10 @@ class LogitStore:
             self._open.popitem(last=False)  # the last reference: its map and descriptor close now
         return array
 
+    def records_of_shard(self, shard: int, teacher: int) -> np.ndarray:
+        """Every view of one teacher's shard, (views, samples in the shard), as an array in memory."""
+        return np.array(self._shard(teacher, shard))
+
     def verify_checksums(self) -> list[str]:
         """Paths of shard files whose sha256 differs from the manifest (empty when all are intact)."""
         bad = []

@@ -117,6 +117,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             if rank == 0:
                 print(f"store '{root}' is already complete ({len(existing['shards'])} shards)")
             return {"skipped": True}
+    source = _growth_source(cfg, identity, ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct))
     barrier()
     if rank == 0:
         (root / "shards").mkdir(parents=True, exist_ok=True)
@@ -128,6 +129,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             "teacher_kinds": [teacher_kind(t.model) for t in teachers], "record_bytes": dtype.itemsize,
             "threads": torch.get_num_threads(),
             "num_shards": num_shards,
+            "grown_from": None if source is None else {"path": str(source.root), "views": source.views},
         })
     barrier()
 
@@ -135,9 +137,10 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     mine = [s for s in range(rank, num_shards, world) if not done_file(root, s).is_file()]
     shard_size, views = cfg.store.shard_size, cfg.store.views
     bounds = {s: (s * shard_size, min(len(dataset), (s + 1) * shard_size)) for s in mine}
+    first_view = source.views if source is not None else 0  # a grown store computes only the views its source lacks
     # One loader over every (index, view) pair of this rank's shards, shard by shard, so the
     # pipeline never drains at a shard or view boundary; a shard is written once all its records are in.
-    pairs = [(i, v) for s in mine for v in range(views) for i in range(*bounds[s])]
+    pairs = [(i, v) for s in mine for v in range(first_view, views) for i in range(*bounds[s])]
     done_before = len(range(rank, num_shards, world)) - len(mine)
     if rank == 0 and done_before:
         print(f"resuming '{root}': {done_before} shard(s) already complete")
@@ -156,7 +159,13 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         for shard in np.unique(indices // shard_size):
             rows = np.flatnonzero(indices // shard_size == shard)
             start, stop = bounds[int(shard)]
-            arrays = pending.setdefault(int(shard), [np.empty((views, stop - start), dtype=dtype) for _ in teachers])
+            if int(shard) not in pending:
+                pending[int(shard)] = [np.empty((views, stop - start), dtype=dtype) for _ in teachers]
+                if source is not None:
+                    for t, array in enumerate(pending[int(shard)]):
+                        array[:first_view] = source.records_of_shard(int(shard), t)
+                    filled[int(shard)] = first_view * (stop - start)
+            arrays = pending[int(shard)]
             for t, array in enumerate(arrays):
                 array[batch_views[rows], indices[rows] - start] = records[t][rows]
             filled[int(shard)] = filled.get(int(shard), 0) + len(rows)
@@ -172,6 +181,25 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         _finish_manifest(root, num_shards)
     barrier()
     return {"images": images_done, "seconds": elapsed, "images_per_s": images_done / max(elapsed, 1e-9)}
+
+
+def _growth_source(cfg: ExperimentConfig, identity: dict[str, Any], augment: ReplayAugment) -> LogitStore | None:
+    """The complete smaller store named by ``store.grow_from``, checked to hold this very store's first views."""
+    if not cfg.store.grow_from:
+        return None
+    source = LogitStore(cfg.store.grow_from, verify="full")  # its records become ours: every checksum first
+    old = source.views
+    if old >= cfg.store.views:
+        raise StoreError(f"store.grow_from '{source.root}' already has {old} views and this store asks for {cfg.store.views}; "
+                         "growing needs more views than the source (use the source itself, or raise store.views)")
+    # Everything but the view count must be the same; the probe is recomputed over the source's views here.
+    expected = {**identity, "views": old, "replay_probe": replay_probe(augment, old)}
+    problems = identity_differences(source.manifest, expected)
+    if problems:
+        raise StoreError(f"store.grow_from '{source.root}' is not the same store with fewer views: " + "; ".join(problems)
+                         + ". Grow only a store of the same data, teachers, recipe, seed, encoding and shard size, "
+                           "or leave store.grow_from unset to build from scratch")
+    return source
 
 
 def _write_shard(root: Path, shard: int, start: int, stop: int, arrays: list[np.ndarray], completed: int, num_shards: int) -> None:
