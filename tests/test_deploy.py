@@ -186,7 +186,7 @@ def test_bad_inputs_are_one_line_errors(trained, exported, tmp_path, capsys):
 
 def test_a_wrong_export_is_an_error_not_a_warning(trained, tmp_path, monkeypatch):
     """An exporter bug (here: the exported graph of another model) fails the export instead of shipping it."""
-    import libkd.deploy as deploy
+    import libkd.deploy.export as deploy
 
     real = deploy.export_onnx
 

@@ -139,7 +139,7 @@ def test_a_killed_step_keeps_the_time_it_spent_and_a_resumption_adds_to_it(tmp_p
     config = study_yaml(tmp_path)
     code = f"""
 import os, signal, time
-import libkd.study as study
+import libkd.study.runner as study
 study.TIMING_FLUSH_S = 0.05
 s = study.Study(study.load_study({str(config)!r}))
 with s.timed("run none-s0"):

@@ -9,8 +9,9 @@ import torch
 
 from libkd.evaluate import partition
 from libkd.report import PARTS, full_partition
-from libkd.study import (FAILS, HOLDS, UNTESTED, WITHIN, Study, StudyConfig, _columns, beats, claims, equivalent, pooled_sd,
-                         training_table, weakest)
+from libkd.study import (FAILS, HOLDS, UNTESTED, WITHIN, Study, StudyConfig, beats, claims, equivalent, pooled_sd, training_table,
+                         weakest)
+from libkd.study.summary import _columns
 
 TEACHERS = {"conv": {"teacher": {"name": "resnet18"}}, "inv": {"teacher": {"name": "rednet26_cifar"}}}
 RUNS = [{"name": "none", "mode": "none", "seeds": 3}, {"name": "conv", "mode": "store", "teachers": ["conv"], "seeds": 3},

@@ -8,6 +8,9 @@ work). Unknown keys and wrong types fail with a message that names the valid key
 from __future__ import annotations
 
 import difflib
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -15,6 +18,56 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from libkd import LibkdError
+
+
+# timm's RandAugment string grammar (the ops themselves are in libkd.data.randaugment).
+LEVEL_SCALE = 10.0  # timm's magnitude scale: m=10 is each op's strongest setting
+
+# timm's RandAugment op sets (``_RAND_TRANSFORMS`` and ``_RAND_INCREASING_TRANSFORMS``).
+OPS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
+       "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
+OPS_INCREASING = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                  "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+                  "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed ``rand-...`` string."""
+
+    magnitude: float = 10.0
+    num_layers: int = 2
+    prob: float = 0.5
+    magnitude_std: float = 0.0
+    magnitude_max: float = LEVEL_SCALE
+    increasing: bool = False
+
+    @property
+    def ops(self) -> list[str]:
+        return OPS_INCREASING if self.increasing else OPS
+
+
+def parse_rand_augment(text: str) -> RandAugmentSpec:
+    """Parse timm's RandAugment string (``rand-m9-n2-mstd0.5-mmax10-inc1-p0.5``); errors name the bad part."""
+    parts = text.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"augmentation string {text!r} must start with 'rand-' (timm's RandAugment), e.g. 'rand-m9-mstd0.5-inc1'")
+    values: dict = {}
+    keys = {"mstd": "magnitude_std", "mmax": "magnitude_max", "inc": "increasing", "m": "magnitude", "n": "num_layers", "p": "prob"}
+    for part in parts[1:]:
+        match = re.fullmatch(r"(mstd|mmax|inc|m|n|p)(\d+(?:\.\d*)?)", part)
+        if not match:
+            raise ValueError(f"augmentation string {text!r}: cannot read {part!r}; sections are m<magnitude>, n<ops per image>, "
+                             "p<probability>, mstd<magnitude std>, mmax<magnitude cap>, inc<0|1> (weighted 't' sets are not supported)")
+        key, number = keys[match.group(1)], float(match.group(2))
+        values[key] = bool(int(number)) if key == "increasing" else int(number) if key == "num_layers" else number
+    spec = RandAugmentSpec(**values)
+    if spec.magnitude_std > 100:
+        spec = RandAugmentSpec(**{**values, "magnitude_std": math.inf})  # timm: uniform in [0, m]
+    if not 0 <= spec.magnitude <= spec.magnitude_max:
+        raise ValueError(f"augmentation string {text!r}: magnitude m{spec.magnitude:g} is outside timm's scale 0-{spec.magnitude_max:g} "
+                         "(m10 is each op's strongest setting; add mmax<N> to allow more)")
+    if not 0 <= spec.prob <= 1:
+        raise ValueError(f"augmentation string {text!r}: p{spec.prob:g} is not a probability")
+    return spec
 
 
 class ConfigError(LibkdError):
@@ -98,8 +151,6 @@ class ReplayConfig(Section):
     @classmethod
     def _parses(cls, value: str | None) -> str | None:
         if value is not None:
-            from libkd.data.randaugment import parse_rand_augment
-
             parse_rand_augment(value)  # a ValueError here names the bad section
         return value
 

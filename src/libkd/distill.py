@@ -23,11 +23,11 @@ import torch
 
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, ReplayConfig, StoreConfig, save_config
-from libkd.data import cache_dir
+from libkd.data import cache_dir, load_splits
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.distributed import barrier, setup
-from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, save_resume_state, train_one_epoch,
-                          worker_init, write_history)
+from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, save_resume_state, seed_everything,
+                          train_one_epoch, worker_init, write_history)
 from libkd.evaluate import collect, score, token_agreement, val_loader
 from libkd.fileio import disk_full_is_an_error, write_json_atomic
 from libkd.losses import DistillationLoss
@@ -36,7 +36,6 @@ from libkd.store import LogitStore, read_manifest
 from libkd.store.codec import tail_column
 from libkd.store.precompute import store_identity, view_spec
 from libkd.teachers import cached_val_logits, check_classes, load_teachers, teacher_logits
-from libkd.train_teacher import load_splits, seed_everything
 
 STATE_FILE = "last_state.pt"
 

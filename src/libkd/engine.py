@@ -6,12 +6,14 @@ import json
 import math
 import os
 import pickle
+import random
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -23,6 +25,13 @@ from libkd.config import TrainConfig
 # Train settings that change neither the weights nor the stream: a run may resume with other values.
 # Train settings that change neither the weights nor the stream: a run resumes (and a study reuses it) across them.
 RESUMABLE_TRAIN_KEYS = {"resume", "workers", "eval_every", "tensorboard", "eval_batch_size"}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (drop-path, dropout and initial weights draw from them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def worker_init(_: int) -> None:

@@ -17,9 +17,9 @@ from libkd import LibkdError
 from libkd.config import DataConfig
 from libkd.data import build_dataset
 from libkd.data.transforms import TransformedDataset, eval_transform
-from libkd.deploy import checkpoint_data
 from libkd.engine import autocast
 from libkd.models import build_from_checkpoint
+from libkd.models.checkpoint import checkpoint_data
 from libkd.teachers import Teacher, check_classes, load_teachers, teacher_logits
 
 

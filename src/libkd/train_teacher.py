@@ -8,45 +8,25 @@ complete epoch and, on CPU with a seed, ends with the same weights as an uninter
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, save_config
-from libkd.data import ImageDataset, build_dataset
+from libkd.data import ImageDataset, load_splits
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.distributed import barrier, setup
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
-from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume,
+from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, seed_everything,
                           save_resume_state, train_one_epoch, write_history)
 from libkd.evaluate import collect, score
 from libkd.models import count_parameters, create_model, save_checkpoint
 
 STATE_FILE = "last_state.pt"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def load_splits(cfg: ExperimentConfig) -> tuple[ImageDataset, ImageDataset]:
-    """Train and validation splits, checked to share their classes."""
-    train = build_dataset(cfg.data, "train", seed=cfg.seed)
-    val = build_dataset(cfg.data, "val", seed=cfg.seed)
-    if train.classes != val.classes:
-        raise LibkdError(
-            f"train and validation splits have different classes ({train.num_classes} vs {val.num_classes}: "
-            f"{sorted(set(train.classes) ^ set(val.classes))[:5]} differ); both split folders need the same class folders"
-        )
-    return train, val
 
 
 def input_spec(cfg: ExperimentConfig, train: ImageDataset) -> dict[str, Any]:

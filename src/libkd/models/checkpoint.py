@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from libkd import LibkdError, __version__
+from libkd.config import DataConfig
 from libkd.fileio import read_json_with_format, sha256_file, write_json_atomic
 from libkd.models.factory import create_model
 
@@ -113,3 +114,12 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pat
             parts.append(f"shape of '{k}' is {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
         raise CheckpointError(f"checkpoint '{path}' ({arch.get('name')}) does not fit this model: " + "; ".join(parts))
     model.load_state_dict(state)
+
+
+def checkpoint_data(path: str | Path, meta: dict[str, Any], data: DataConfig | None = None) -> DataConfig:
+    """The data section a checkpoint was trained on (``data`` overrides it)."""
+    if data is not None:
+        return data
+    if "data_config" not in meta:
+        raise LibkdError(f"checkpoint '{path}' does not record its data set; pass the data section (-c CONFIG or --set data.*)")
+    return DataConfig.model_validate(meta["data_config"])

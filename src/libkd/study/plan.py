@@ -1,0 +1,145 @@
+"""Planning a study: its config (teachers, runs, seeds, the settings search, ``extends``) and how each run's
+experiment config is derived from the base, the search's choices and the run's own settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import Field, model_validator
+
+from libkd.config import (AugmentConfig, ConfigError, ExperimentConfig, ModelConfig, Section, StoreConfig, TrainConfig, apply_override,
+                          load_config, validate_config)
+
+
+class TeacherSpec(Section):
+    """One teacher of the study: trained by ``libkd train-teacher`` on the study's training images."""
+
+    teacher: ModelConfig
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class RunSpec(Section):
+    """One kind of student run; it is repeated with the first ``seeds`` of the study's seeds."""
+
+    name: str
+    mode: Literal["none", "online", "store"]
+    teachers: list[str] = []  # names from the study's teachers, in token order
+    combine: Literal["per-token", "mean"] = "per-token"
+    naive_store: bool = False  # learn from the single clean-view store (the study's negative control)
+    # A new augmented view every epoch (V = epochs) instead of the store's V views: for online teachers, this
+    # measures what the store's fixed views cost against what online distillation can do.
+    fresh_views: bool = False
+    # The store's number of views for this run (default: the study's store.views). A store with more views is its
+    # own store, grown from the largest smaller one of the same seed and recipe (its views are not recomputed).
+    views: int | None = Field(None, ge=1)
+    # Settings of this run on top of the study's and the search's (e.g. function matching: distill.alpha: 1.0).
+    set: dict[str, Any] = {}
+    seeds: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunSpec":
+        if (self.mode == "none") != (not self.teachers):
+            raise ValueError(f"run '{self.name}': mode none takes no teachers, the other modes need some")
+        if self.naive_store and self.mode != "store":
+            raise ValueError(f"run '{self.name}': naive_store needs mode store")
+        if self.fresh_views and self.mode == "store":
+            raise ValueError(f"run '{self.name}': fresh_views needs mode online or none (a store holds its V views)")
+        return self
+
+
+class TuneStage(Section):
+    """A grid search over one run's settings; the winner's settings hold for the later stages and every run
+    (``scope: all``), or for that run only (``scope: run``: e.g. alpha and tau searched for each arm on its own)."""
+
+    run: str  # the name of a run in ``runs``
+    scope: Literal["all", "run"] = "all"
+    # Axes of the grid: each a list of choices, a choice being overrides such as {train.lr: 1.0e-3}.
+    grid: list[list[dict[str, Any]]]
+
+
+class TuneConfig(Section):
+    """Settings search on a held-out part of the training images (data.holdout), trial runs of ``epochs``."""
+
+    holdout: Union[int, float] = 0.2
+    epochs: int | None = Field(None, ge=1)  # None: the study's own epochs
+    stages: list[TuneStage] = []
+
+
+class StudyConfig(Section):
+    """A study: the base experiment, its teachers, its store, its runs and seeds, and its settings search."""
+
+    out: str = "runs/study"
+    results: str | None = None  # folder for the small results of every finished run (e.g. under docs/)
+    base: ExperimentConfig = ExperimentConfig()  # data, student, train, replay and distill defaults of every run
+    teachers: dict[str, TeacherSpec] = {}
+    store: StoreConfig = StoreConfig()  # views, encoding, batch size, workers (path and teachers are the study's)
+    seeds: list[int] = [0, 1, 2]
+    runs: list[RunSpec] = []
+    tune: TuneConfig | None = None
+    # Another study config whose teachers (committed weights included), stores and searched settings this one reuses,
+    # with ``set`` applied on top (e.g. a longer schedule): its own base, teachers, store and tune are not given.
+    extends: str | None = None
+    set: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _references(self) -> "StudyConfig":
+        names = [r.name for r in self.runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"run names must be unique: {names}")
+        for r in self.runs:
+            unknown = [t for t in r.teachers if t not in self.teachers]
+            if unknown and not (self.extends and not self.teachers):  # checked again once the teachers are merged in
+                raise ValueError(f"run '{r.name}' names unknown teacher(s) {unknown}; the study's teachers are {list(self.teachers)}")
+            if r.seeds > len(self.seeds):
+                raise ValueError(f"run '{r.name}' asks for {r.seeds} seeds; the study lists {len(self.seeds)} in seeds")
+        for stage in self.tune.stages if self.tune else []:
+            if stage.run not in names:
+                raise ValueError(f"tune stage names run '{stage.run}', which is not in runs ({names})")
+        return self
+
+
+INHERITED = ("base", "teachers", "store")  # what a study that extends another takes from it
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    cfg = load_config(path, overrides, StudyConfig)
+    if cfg.set and not cfg.extends:
+        raise ConfigError(f"'{path}': set: applies on top of the study named in extends:, and there is none "
+                          "(put the settings in base: instead)")
+    if not cfg.extends:
+        return cfg
+    own = [key for key in (*INHERITED, "tune") if key in cfg.model_fields_set]
+    if own:
+        raise ConfigError(f"'{path}' extends '{cfg.extends}' and also gives {', '.join(own)}: a study that extends another "
+                          "takes its base, teachers, store and searched settings; change those there, or use set: for "
+                          "settings on top of them")
+    parent = load_study(cfg.extends)
+    if parent.extends:
+        raise ConfigError(f"'{path}' extends '{cfg.extends}', which extends another study; extend that one directly")
+    values = {**parent.model_dump(mode="json", include=set(INHERITED), exclude_unset=True),
+              **cfg.model_dump(mode="json", exclude_unset=True)}  # unset stays unset (store mode checks what is set)
+    merged = validate_config(values, StudyConfig, f" in '{path}' (with the base, teachers and store of '{cfg.extends}')")
+    _with(merged.base, merged.set)  # a bad key in set: fails now, by name
+    return merged
+
+
+def _with(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """``cfg`` with dotted-key overrides such as {'train.lr': 1e-3}, validated like --set."""
+    values = cfg.model_dump(mode="json", exclude_unset=True)
+    for key, value in overrides.items():
+        apply_override(values, [p for p in key.split(".") if p], value)
+    return validate_config(values, origin=f" with {overrides}")
+
+
+def _short_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+
+def _log(message: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)

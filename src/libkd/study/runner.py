@@ -1,0 +1,347 @@
+"""Running a study: its teachers (or the committed ones), its stores (built, grown, verified), its runs and seeds,
+resumed from what is done here or was committed to ``results``; the timings; the report and summary files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from libkd import LibkdError
+from libkd.config import ExperimentConfig, load_config
+from libkd.study.plan import RunSpec, StudyConfig, _log, _short_hash, _with, load_study
+from libkd.study.search import search
+from libkd.study.summary import summary_markdown
+
+RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
+TEACHER_FILES = ("teacher.json", "metrics.jsonl", "config.yaml")
+TEACHER_WEIGHTS = "teacher.safetensors"
+COMMIT_WEIGHTS_MAX_BYTES = 5 * 2**20  # a teacher this small goes into git with the results; a larger one is retrained
+
+TIMING_FLUSH_S = 60.0  # how often a running step's wall time is written to timings.json
+_TIMINGS_LOCK = threading.Lock()  # one read-modify-write of timings.json at a time
+
+
+class Study:
+    """The steps of one study, each skipped when its output is complete."""
+
+    def __init__(self, cfg: StudyConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.base = cfg.base
+        self.spec = {r.name: r for r in cfg.runs}
+        self.verified: set[str] = set()
+        self.results = Path(cfg.results) if cfg.results else None
+        self.final_base: ExperimentConfig | None = None  # the base with the search's choices, once known
+        self.chosen_by_run: dict[str, dict[str, Any]] = {}  # choices of the run-scoped stages, per run
+        self.parent = Study(load_study(cfg.extends)) if cfg.extends else None  # whose teachers, stores and search
+
+    @contextmanager
+    def timed(self, key: str):
+        """Add this step's wall time to OUT/timings.json (summed over resumptions; a reused step adds its check).
+
+        The sum is rewritten every ``TIMING_FLUSH_S`` seconds while the step runs, not only when it ends, so a
+        killed job (a session's end, the OOM killer) loses at most that much of its time instead of all of it."""
+        from libkd.fileio import write_json_atomic
+
+        path = self.out / "timings.json"
+        if not path.is_file() and self.results and (self.results / path.name).is_file():  # another machine's
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.results / path.name, path)
+        before = json.loads(path.read_text()).get(key, 0.0) if path.is_file() else 0.0
+        start = time.perf_counter()
+
+        def flush() -> None:
+            with _TIMINGS_LOCK:
+                timings = json.loads(path.read_text()) if path.is_file() else {}
+                timings[key] = round(before + time.perf_counter() - start, 1)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, timings)
+
+        def heartbeat() -> None:
+            while not done.wait(TIMING_FLUSH_S):
+                flush()
+
+        done = threading.Event()
+        beat = threading.Thread(target=heartbeat, name=f"timings {key}", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            done.set()
+            beat.join()
+            flush()
+
+    # ------------------------------------------------------------------ teachers and stores
+
+    def teacher_path(self, name: str) -> str:
+        if self.parent:
+            return self.parent.teacher_path(name)
+        return str(self.out / "teachers" / name / "teacher")
+
+    def train_teachers(self) -> None:
+        """Train each teacher, or take the one an earlier session committed to ``results`` (weights and all), so a
+        fresh machine learns from the very teachers the committed runs learned from instead of retraining them."""
+        from libkd.train_teacher import train_teacher
+
+        if self.parent:
+            _log(f"teachers: those of '{self.cfg.extends}'")
+            self.parent.train_teachers()
+            return
+        for name, spec in self.cfg.teachers.items():
+            teacher_cfg = self.base.model_copy(update={"teacher": spec.teacher, "augment": spec.augment, "train": spec.train,
+                                                       "seed": self.cfg.seeds[0], "out": str(self.out / "teachers" / name)})
+            folder = Path(teacher_cfg.out)
+            landed = self.results / "teachers" / name if self.results else None
+            if landed is not None and (landed / TEACHER_WEIGHTS).is_file():
+                self._take_committed_teacher(name, teacher_cfg, landed)
+                continue
+            _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
+            with self.timed(f"teacher {name}"):
+                train_teacher(teacher_cfg)
+            if landed is None:
+                continue
+            mine = json.loads((folder / "teacher.json").read_text())["weights_sha256"]
+            if (landed / "teacher.json").is_file():  # committed without its weights (too large, or an older study)
+                theirs = json.loads((landed / "teacher.json").read_text())["weights_sha256"]
+                if mine != theirs:
+                    raise LibkdError(
+                        f"teacher '{name}' trained here has weights {mine[:16]}, not the {theirs[:16]} of the teacher the "
+                        f"committed runs in '{self.results}' learned from (another CPU or thread count rounds differently). "
+                        f"Mixing them would compare students of different teachers: copy the original '{folder}' here, "
+                        f"or delete '{self.results}' to redo the study with these teachers")
+            landed.mkdir(parents=True, exist_ok=True)
+            for item in TEACHER_FILES:
+                shutil.copy2(folder / item, landed / item)
+            size = (folder / TEACHER_WEIGHTS).stat().st_size
+            if size <= COMMIT_WEIGHTS_MAX_BYTES:
+                shutil.copy2(folder / TEACHER_WEIGHTS, landed / TEACHER_WEIGHTS)
+            else:
+                _log(f"teacher '{name}': weights of {size / 2**20:.0f} MiB are not copied to '{landed}' (over "
+                     f"{COMMIT_WEIGHTS_MAX_BYTES // 2**20} MiB); another machine must retrain it to the same weights")
+
+    def _take_committed_teacher(self, name: str, teacher_cfg: ExperimentConfig, landed: Path) -> None:
+        """Use the teacher committed in ``landed`` (checked against this study's settings and its own checksum)."""
+        from libkd.fileio import sha256_file
+
+        folder = Path(teacher_cfg.out)
+        _check_landed(landed, teacher_cfg, ("seed", "teacher", "augment", "train", "data"))
+        record = json.loads((landed / "teacher.json").read_text())
+        theirs = record["weights_sha256"]
+        if sha256_file(landed / TEACHER_WEIGHTS) != theirs:
+            raise LibkdError(f"'{landed / TEACHER_WEIGHTS}' does not match the sha256 in its teacher.json (a partial "
+                             f"copy, or a Git LFS pointer: run `git lfs pull`); restore it from git")
+        if (folder / "teacher.json").is_file():
+            mine = json.loads((folder / "teacher.json").read_text())["weights_sha256"]
+            if mine == theirs:
+                _log(f"teacher '{name}': the committed one ({theirs[:16]}) is already in '{folder}'")
+                return
+            raise LibkdError(f"'{folder}' holds a teacher '{name}' with weights {mine[:16]}, not the {theirs[:16]} committed "
+                             f"in '{landed}' that the study's runs learned from; delete '{folder}' to use the committed one")
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in (*TEACHER_FILES, TEACHER_WEIGHTS):
+            shutil.copy2(landed / item, folder / item)
+        _log(f"teacher '{name}': using the committed weights {theirs[:16]} from '{landed}' "
+             f"(val top-1 {record.get('metrics', {}).get('val_top1', float('nan')):.2f}), not retraining")
+
+    def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores", build: bool = True,
+                   views: int | None = None) -> str:
+        """Where the store for these data, recipe, seed and views lives (built and verified on first use when ``build``;
+        a store of more views than the study's is grown from the largest smaller one already built)."""
+        from libkd.store.precompute import precompute, verify_store
+
+        if self.parent:  # the same teachers, data, recipe and store settings: the same store
+            return self.parent.store_path(base, seed, naive, where, build, views)
+
+        settings = self.cfg.store.model_copy(update={"views": views}) if views and not naive else self.cfg.store
+        key = {"data": base.data.model_dump(mode="json"), "replay": None if naive else base.replay.model_dump(mode="json"),
+               "store": settings.model_dump(mode="json", exclude={"path", "teachers", "grow_from"})}
+        if naive:  # one clean view: no seed enters it, so every run shares one store
+            seed = self.cfg.seeds[0]
+        path = self.out / where / (f"naive-{_short_hash(key)}" if naive else f"seed{seed}-{_short_hash(key)}")
+        replay = base.replay.model_copy(update={"enabled": False}) if naive else base.replay
+        store = settings.model_copy(update={"path": str(path), "views": 1 if naive else settings.views,
+                                            "teachers": [self.teacher_path(t) for t in self.cfg.teachers]})
+        if not build:
+            return str(path)
+        if not naive:
+            store.grow_from = _smaller_store(path, base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
+        grown = f", grown from {Path(store.grow_from).name}" if store.grow_from else ""
+        _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'}{grown} -> {path}")
+        with self.timed(f"store {where}/{path.name}"):
+            precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
+        if str(path) not in self.verified:  # checksums, and a sample of records recomputed by the teachers
+            result = verify_store(path, self.cfg.store.verify_samples, self.base.device, seed)
+            _log(f"store {path.name} verified: {result['checked_records']} records recomputed, max |diff| {result['max_abs_diff']:.3g}")
+            self.verified.add(str(path))
+        return str(path)
+
+    # ------------------------------------------------------------------ runs
+
+    def run_config(self, spec: RunSpec, seed: int, base: ExperimentConfig, out: Path, stores: str = "stores",
+                   build: bool = True) -> ExperimentConfig:
+        teachers = [self.teacher_path(t) for t in spec.teachers]
+        distill = base.distill.model_copy(update={"mode": spec.mode, "teachers": teachers, "combine": spec.combine,
+                                                  "naive_store": spec.naive_store, "store": None})
+        if spec.mode == "store":
+            distill.store = self.store_path(base, seed, spec.naive_store, stores, build, spec.views)
+        # Runs without a store replay the store's number of views, so every mode sees the same stream, unless they
+        # ask for a fresh view every epoch.
+        views = base.train.epochs if spec.fresh_views else spec.views or self.cfg.store.views
+        store = base.store.model_copy(update={"views": views})
+        return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill, "store": store})
+
+    def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]:
+        """Train (or reuse) one student; with ``evaluate``, score it with its teachers into student.eval.json."""
+        from libkd.distill import distill
+        from libkd.engine import resolve_device
+        from libkd.evaluate import evaluate_checkpoint
+        from libkd.fileio import write_json_atomic
+
+        out = Path(cfg.out)
+        final = distill(cfg)  # a finished run is only checked against this config (a changed setting is refused) and reused
+        target = out / "student.eval.json"
+        if evaluate and not target.is_file():
+            teachers = cfg.distill.teachers or None
+            result = evaluate_checkpoint(str(out / "student"), None, teachers, resolve_device(cfg.device), cfg.train.eval_batch_size)
+            write_json_atomic(target, result)
+        return final
+
+    def base_for(self, spec: RunSpec) -> ExperimentConfig:
+        """The base a run trains from: the study's base with the search's global choices and the run's own."""
+        assert self.final_base is not None, "the settings search runs first"
+        # set: (a study that extends another) wins over the search, and the run's own set: over both
+        own = {**self.chosen_by_run.get(spec.name, {}), **self.cfg.set, **spec.set}
+        return _with(self.final_base, own) if own else self.final_base
+
+    def tune(self) -> dict[str, Any]:
+        """Run the settings search (``libkd.study.search``); returns the chosen overrides, the choices of run-scoped
+        stages go to ``chosen_by_run``."""
+        return search(self)
+
+    def planned_runs(self) -> list[tuple[RunSpec, int, str]]:
+        """(spec, seed, folder name), the first seed of every run before the extra seeds of any."""
+        plan = []
+        for i, seed in enumerate(self.cfg.seeds):
+            plan += [(spec, seed, f"{spec.name}-s{seed}") for spec in self.cfg.runs if i < spec.seeds]
+        return plan
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.train_teachers()
+        chosen = self.tune()
+        base = _with(self.base, chosen)
+        plan = self.planned_runs()
+        self.final_base = base
+        for n, (spec, seed, name) in enumerate(plan, 1):
+            out = self.out / "runs" / name
+            here = (out / "student.eval.json").is_file()
+            landed = None if here else self.landed_run(spec, seed, name)
+            state = ("done, reusing it" if here else
+                     f"done, reusing it (from {landed}, committed by an earlier session)" if landed else "running")
+            _log(f"run {n}/{len(plan)}: {name} ({spec.mode}, teachers {spec.teachers or '-'}, {spec.combine}"
+                 f"{', naive store' if spec.naive_store else ''}): {state}")
+            if landed:
+                continue
+            cfg = self.run_config(spec, seed, self.base_for(spec), out)
+            with self.timed(f"run {name}"):
+                self.distill_and_evaluate(cfg, evaluate=True)
+            self.write_results()
+        summary = self.write_results()
+        _log(f"summary over seeds and the claims: {summary}")
+        return summary.with_name("report.md")
+
+    # ------------------------------------------------------------------ report
+
+    def landed_run(self, spec: RunSpec, seed: int, name: str) -> Path | None:
+        """``results/runs/NAME`` when it holds this very run, finished (the small files an earlier session committed)."""
+        folder = self.results / "runs" / name if self.results else None
+        if folder is None or not all((folder / f).is_file() for f in RESULT_FILES):
+            return None
+        expected = self.run_config(spec, seed, self.base_for(spec), self.out / "runs" / name, build=False)
+        _check_landed(folder, expected, ("seed", "student", "train", "distill", "replay"))
+        return folder
+
+    def finished_runs(self) -> list[tuple[RunSpec, int, Path]]:
+        finished = []
+        for spec, seed, name in self.planned_runs():
+            if (self.out / "runs" / name / "student.eval.json").is_file():
+                finished.append((spec, seed, self.out / "runs" / name))
+            elif self.final_base is not None and self.landed_run(spec, seed, name):
+                finished.append((spec, seed, self.results / "runs" / name))
+        return finished
+
+    def write_results(self) -> Path:
+        """report/ (libkd report over every finished run) and report/study.md; copied to ``results`` when set."""
+        from libkd.report import write_report
+
+        report_dir = self.out / "report"
+        finished = self.finished_runs()
+        if finished:
+            write_report([str(p) for _, _, p in finished], report_dir)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        study_md = report_dir / "study.md"
+        study_md.write_text(summary_markdown(self, finished))
+        if self.cfg.results:
+            results = Path(self.cfg.results)
+            for _, _, folder in finished:
+                target = results / "runs" / folder.name
+                if target.resolve() == folder.resolve():
+                    continue
+                target.mkdir(parents=True, exist_ok=True)
+                for name in RESULT_FILES:
+                    if (folder / name).is_file():
+                        shutil.copy2(folder / name, target / name)
+            for item in report_dir.iterdir():
+                shutil.copy2(item, results / item.name)
+            tuning = self.out / "tune" / "tuning.json"
+            for extra in (tuning, self.out / "timings.json"):
+                if extra.is_file():
+                    shutil.copy2(extra, results / extra.name)
+        return study_md
+
+def _smaller_store(path: Path, cfg: ExperimentConfig) -> str | None:
+    """The complete store beside ``path`` built from the same data, recipe, seed and store settings with the most
+    views below ``cfg.store.views``: a larger store grows from it instead of recomputing its views."""
+    if (path / "manifest.json").is_file():
+        return None  # started already: precompute resumes it as it was begun
+    same = {"exclude": {"path", "views", "grow_from", "teachers"}}
+    best, best_views = None, 0
+    for sibling in sorted(path.parent.glob("*/config.yaml")):
+        manifest = sibling.parent / "manifest.json"
+        if sibling.parent == path or not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
+            continue
+        other = load_config(sibling)
+        if (other.seed, other.data, other.replay) != (cfg.seed, cfg.data, cfg.replay) or \
+                other.store.model_dump(**same) != cfg.store.model_dump(**same) or other.store.teachers != cfg.store.teachers:
+            continue
+        if best_views < other.store.views < cfg.store.views:
+            best, best_views = str(sibling.parent), other.store.views
+    return best
+
+
+def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str, ...]) -> None:
+    """Refuse a committed run whose recorded config differs from what this study asks for."""
+    from libkd.engine import RESUMABLE_TRAIN_KEYS
+
+    saved = load_config(folder / "config.yaml")
+    for section in sections:
+        mine, theirs = getattr(expected, section), getattr(saved, section)
+        if section == "train":
+            mine, theirs = (x.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS) for x in (mine, theirs))
+        elif hasattr(mine, "model_dump"):
+            mine, theirs = mine.model_dump(mode="json"), theirs.model_dump(mode="json")
+        if mine != theirs:
+            where = [k for k in mine if mine.get(k) != theirs.get(k)] if isinstance(mine, dict) else []
+            raise LibkdError(f"'{folder}' was made with another {section} ({', '.join(f'{section}.{k}' for k in where) or section} "
+                             "differ) than this study asks for; delete it (and commit the deletion) to redo it, or restore "
+                             "the study's settings")
+
+
+
+def run_study(path: str | Path, overrides: list[str] | None = None) -> Path:
+    """Run (or resume) the study in config ``path``; returns the report's path."""
+    return Study(load_study(path, overrides)).run()

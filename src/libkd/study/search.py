@@ -1,0 +1,103 @@
+"""The settings search of a study: each stage a grid of trial runs on a held-out part of the training images
+(never the test split); each stage's winner holds for the later stages and every run, or for its own run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from libkd.study.plan import TuneConfig, _log, _short_hash, _with
+
+if TYPE_CHECKING:
+    from libkd.study.runner import Study
+
+
+def search(study: "Study") -> dict[str, Any]:
+    """Run every stage's grid on the held-out split; returns the chosen overrides (also in tune/tuning.json);
+    the choices of run-scoped stages go to ``chosen_by_run``."""
+    if study.parent:
+        _log(f"settings: those searched by '{study.cfg.extends}', then {study.cfg.set or 'nothing'} on top")
+        chosen = study.parent.tune()
+        study.chosen_by_run = study.parent.chosen_by_run
+        study.parent.final_base = _with(study.parent.base, chosen)
+        return {**chosen, **study.cfg.set}
+    tune = study.cfg.tune
+    chosen: dict[str, Any] = {}
+    by_run: dict[str, dict[str, Any]] = {}
+    record: list[dict[str, Any]] = []
+    if tune is None or not tune.stages:
+        return chosen
+    landed = study.results / "tuning.json" if study.results else None
+    if not (study.out / "tune" / "tuning.json").is_file() and landed and landed.is_file():
+        record = json.loads(landed.read_text())
+        if _same_search(record, tune):
+            _log(f"settings search: reusing {landed} (committed by an earlier session): {record['chosen']}")
+            study.chosen_by_run = record.get("chosen_by_run", {})
+            return record["chosen"]
+        _log(f"settings search: {landed} searched another grid; searching again")
+    # Trials an earlier session finished (the search takes hours here): each reused when its whole config matches.
+    trials_file = study.results / "tune-trials.json" if study.results else None
+    done = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
+    for s, stage in enumerate(tune.stages):
+        spec = study.spec[stage.run]
+        trials = []
+        for choice in itertools.product(*stage.grid):
+            overrides = {k: v for part in choice for k, v in part.items()}
+            trial_base = _with(study.base, {**chosen, **by_run.get(stage.run, {}), **overrides, "data.holdout": tune.holdout,
+                                           **({"train.epochs": tune.epochs} if tune.epochs else {})})
+            name = f"stage{s}-{stage.run}-{_short_hash(overrides)}"
+            _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
+            out = study.out / "tune" / name
+            cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", build=False)
+            config_sha = _short_hash(cfg.model_dump(mode="json", exclude={"out": True, "distill": {"store": True, "teachers": True},
+                                                                           "store": {"grow_from"}}))
+            landed = done.get(name)
+            if landed and landed["config_sha"] == config_sha and not (out / "student.safetensors").is_file():
+                _log(f"trial {name}: done, reusing it (from {trials_file}, committed by an earlier session)")
+                trials.append({k: landed[k] for k in ("trial", "overrides", "holdout_top1")})
+                continue
+            cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores")
+            with study.timed(f"tune {name}"):
+                metrics = study.distill_and_evaluate(cfg, evaluate=False)
+            trials.append({"trial": name, "overrides": overrides, "holdout_top1": metrics["val_top1"]})
+            if trials_file:
+                from libkd.fileio import write_json_atomic
+
+                done[name] = {**trials[-1], "config_sha": config_sha}
+                trials_file.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(trials_file, done)
+        best = max(trials, key=lambda t: t["holdout_top1"])  # the first of equals: grid order breaks ties
+        (by_run.setdefault(stage.run, {}) if stage.scope == "run" else chosen).update(best["overrides"])
+        record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": best["trial"]})
+        _log(f"tuning stage {s}: chose {best['overrides']} (held-out top-1 {best['holdout_top1']:.2f})")
+    from libkd.fileio import write_json_atomic
+
+    write_json_atomic(study.out / "tune" / "tuning.json", {"holdout": tune.holdout, "epochs": tune.epochs,
+                                                          "stages": record, "chosen": chosen, "chosen_by_run": by_run})
+    if study.results:  # landed at once, not with the first run (which may be a session away)
+        study.results.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(study.out / "tune" / "tuning.json", study.results / "tuning.json")
+    study.chosen_by_run = by_run
+    return chosen
+
+
+def _same_search(record: dict[str, Any], tune: TuneConfig) -> bool:
+    """Whether a saved tuning record searched exactly this grid."""
+    if record.get("holdout") != tune.holdout or record.get("epochs") != tune.epochs or len(record["stages"]) != len(tune.stages):
+        return False
+    for saved, stage in zip(record["stages"], tune.stages):
+        grid = [{k: v for part in choice for k, v in part.items()} for choice in itertools.product(*stage.grid)]
+        if saved["run"] != stage.run or saved.get("scope", "all") != stage.scope or \
+                [t["overrides"] for t in saved["trials"]] != json.loads(json.dumps(grid)):
+            return False
+    return True
+
+
+def _grid_size(grid: list[list[dict[str, Any]]]) -> int:
+    size = 1
+    for axis in grid:
+        size *= len(axis)
+    return size
+

@@ -1,0 +1,145 @@
+"""The study's summary (study.md): mean and spread over seeds per run, test top-1 along training, the search's
+trials and the claims with their verdicts."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from libkd.study.plan import RunSpec
+from libkd.study.verdicts import _by_run, _roles, claims, gain_changes
+
+if TYPE_CHECKING:
+    from libkd.study.runner import Study
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) -> str:
+    """Mean and spread over seeds per run, the tuning record, and each claim checked against the figures."""
+    by_run = _by_run(finished)
+    cfg = study.cfg
+    base = study.final_base or cfg.base
+    lines = ["# Study summary", "",
+             f"Training data: {cfg.base.data.source} {cfg.base.data.root or ''} (subset {cfg.base.data.subset}); "
+             f"student {cfg.base.student.name}, {base.train.epochs} epochs; top-1 on the test split "
+             f"({cfg.base.data.val_split}), in percent; mean ± standard deviation over seeds.", "",
+             *([f"Teachers, stores and searched settings: those of `{cfg.extends}`, with "
+                f"{', '.join(f'{k}={v}' for k, v in cfg.set.items()) or 'nothing'} on top.", ""] if cfg.extends else []),
+             "| run | mode | teachers | combine | seeds | top-1 | per seed | ECE | train img/s | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for spec in cfg.runs:
+        rows = by_run.get(spec.name)
+        mode = spec.mode + (" (naive store)" if spec.naive_store else "") + (" (fresh views)" if spec.fresh_views else "")
+        described = f"| {spec.name} | {mode} | {', '.join(spec.teachers) or '—'} | {spec.combine if spec.teachers else '—'} | "
+        if not rows:
+            lines.append(described + f"0/{spec.seeds} | not run yet | | | | |")
+            continue
+        lines.append(
+            described + f"{len(rows)}/{spec.seeds} | **{_mean_spread([r['top1'] for r in rows])}** | "
+            f"{', '.join(format(r['top1'], '.2f') for r in rows)} | {statistics.mean(r['ece'] for r in rows):.3f} | "
+            f"{statistics.mean(r['img_s'] for r in rows):.0f} | {statistics.mean(r['train_s'] for r in rows) / 60:.1f} min |")
+    parent = _by_run(study.parent.finished_runs()) if study.parent is not None and study.parent.final_base else None
+    along = training_table(study, by_run, parent)
+    if along:
+        lines += ["", "## Along training", "", *along]
+    lines += ["", "## Claims", "", *claims(study, by_run, parent)]
+    timings = study.out / "timings.json"
+    if timings.is_file():
+        spent: dict[str, float] = {}
+        for key, seconds in json.loads(timings.read_text()).items():
+            spent[key.split()[0]] = spent.get(key.split()[0], 0.0) + seconds
+        lines += ["", "Wall time spent so far (summed over resumptions): " + ", ".join(
+            f"{kind}s {seconds / 60:.0f} min" for kind, seconds in spent.items())
+                  + f"; {sum(spent.values()) / 3600:.2f} h in all (`{study.out}/timings.json`)."]
+    tuning = study.out / "tune" / "tuning.json"
+    if tuning.is_file():
+        lines += ["", "## Settings search (held-out part of the training images, never the test split)", "",
+                  *tuning_table(json.loads(tuning.read_text()))]
+    return "\n".join(lines) + "\n"
+
+
+def _columns(epochs: list[int], most: int = 8) -> list[int]:
+    """At most ``most`` of the scored epochs, evenly spread and always with the last."""
+    if len(epochs) <= most:
+        return epochs
+    step = -(-len(epochs) // most)
+    return epochs[::-1][::step][::-1]
+
+
+def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
+                   parent: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
+    """Test top-1 along training, mean over seeds, with each distilled run's gain over the run without teachers at
+    the same epoch; the study this one extends (``parent``) gives its final figures as a last column; the teachers'
+    own top-1 closes it. Answers: does the gain grow or shrink with training, does the ordering hold, how close do
+    the students get to their teachers."""
+    names = [s.name for s in study.cfg.runs if s.name in by_run]
+    if not names:
+        return []
+    scored = sorted(set.intersection(*(set(r["curve"]) for n in names for r in by_run[n])))
+    if not scored:
+        return []
+    columns = _columns(scored)
+
+    def at(name: str, epoch: int) -> float:
+        return statistics.mean(r["curve"][epoch] for r in by_run[name])
+
+    baseline = _roles(study.cfg).get("baseline")
+    baseline = baseline if baseline in by_run else None
+    parent_epochs = study.parent.final_base.train.epochs if study.parent is not None and study.parent.final_base else None
+    extra = [f"{parent_epochs or 'final'} epochs (`{study.cfg.extends}`)"] if parent is not None else []
+    lines = ["Test top-1 at the epochs every finished seed scored (`train.eval_every`), mean over seeds"
+             + (f"; in brackets the gain over `{baseline}` at the same epoch" if baseline else "")
+             + (f"; the last column is the same run in `{study.cfg.extends}`, whose schedule this study lengthens or "
+                "shortens" if parent is not None else "") + ".", "",
+             "| run | " + " | ".join(f"epoch {e}" for e in columns) + "".join(f" | {x}" for x in extra) + " |",
+             "|---|" + "---|" * (len(columns) + len(extra))]
+    for name in names:
+        cells = []
+        for e in columns:
+            gain = f" ({at(name, e) - at(baseline, e):+.2f})" if baseline and name != baseline else ""
+            cells.append(f"{at(name, e):.2f}{gain}")
+        if parent is not None:
+            rows, base_rows = parent.get(name), parent.get(baseline) if baseline else None
+            if rows:
+                mean = statistics.mean(r["top1"] for r in rows)
+                gain = (f" ({mean - statistics.mean(r['top1'] for r in base_rows):+.2f})"
+                        if base_rows and name != baseline else "")
+                cells.append(f"{mean:.2f}{gain} ({len(rows)} seed{'s' if len(rows) > 1 else ''})")
+            else:
+                cells.append("not run")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if parent is not None and baseline and baseline in parent:
+        lines += ["", *gain_changes(study, by_run, parent, baseline)]
+    teachers: dict[str, float] = {}
+    for rows in by_run.values():
+        for r in rows:
+            for t, top1 in r["teachers"].items():
+                teachers.setdefault(t, top1)
+    if teachers:
+        best = max(names, key=lambda n: statistics.mean(r["top1"] for r in by_run[n]))
+        final = statistics.mean(r["top1"] for r in by_run[best])
+        lines += ["", "The teachers on the same split: " + ", ".join(f"{t} {v:.2f}" for t, v in teachers.items())
+                  + f". The best student, `{best}` ({final:.2f}), is "
+                  + ", ".join(f"{abs(final - v):.2f} points {'below' if final < v else 'above'} {t}" for t, v in teachers.items())
+                  + "."]
+    return lines
+
+
+def tuning_table(record: dict[str, Any]) -> list[str]:
+    lines = [f"Held out per class: {record['holdout']}; trial runs of {record['epochs'] or 'the study’s'} epochs. "
+             "Each stage's winner holds for the later stages and for every run, or, marked 'its own', for that run only.", "",
+             "| stage | run | settings | held-out top-1 | chosen |", "|---|---|---|---|---|"]
+    for stage in record["stages"]:
+        for t in stage["trials"]:
+            settings = ", ".join(f"{k}={v}" for k, v in t["overrides"].items())
+            lines.append(f"| {stage['stage']} | {stage['run']}{' (its own)' if stage.get('scope') == 'run' else ''} | {settings} | {t['holdout_top1']:.2f} | "
+                         f"{'yes' if t['trial'] == stage['chosen'] else ''} |")
+    return lines
+
