@@ -46,3 +46,17 @@ def image_folder(tmp_path):
         return root
 
     return make
+
+
+def bomb_png(path: Path, side: int = 30_000) -> Path:
+    """A tiny PNG whose header claims ``side`` x ``side`` pixels: Pillow refuses it as a decompression bomb."""
+    import struct
+    import zlib
+
+    Image.new("RGB", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", side, side)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    path.write_bytes(bytes(data))
+    return path

@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import SHARED_CIFAR, write_image
+from conftest import SHARED_CIFAR, bomb_png, write_image
 from libkd.cli import main
 from libkd.config import DataConfig
 from libkd.data import CorruptImageError, DataError, build_dataset, make_synthetic, select_subset
@@ -55,7 +56,7 @@ def test_cache_is_used_on_second_load(image_folder, monkeypatch, isolated_cache)
     def no_decoding(*_a, **_k):
         raise AssertionError("decoded again although the cache is valid")
 
-    monkeypatch.setattr(datasets_module, "_decode", no_decoding)
+    monkeypatch.setattr(datasets_module, "decode_image", no_decoding)
     second = build_dataset(folder_config(root))
     assert np.array_equal(np.asarray(first.images), np.asarray(second.images))
     assert second.fingerprint == first.fingerprint
@@ -314,3 +315,21 @@ def test_shared_cifar10_train_split(capsys, monkeypatch):
     assert info["images"] == 50000
     assert info["classes"] == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert info["class_counts"] == [5000] * 10 and info["image_size"] == [32, 32]
+
+
+def test_a_decompression_bomb_fails_by_name_or_is_skipped_with_skip_corrupt(image_folder):
+    root = image_folder(counts=(3, 3))
+    bomb_png(root / "class1" / "huge.png")
+    with pytest.raises(CorruptImageError, match=r"huge.png.*DecompressionBomb"):
+        build_dataset(folder_config(root))
+    kept = build_dataset(folder_config(root).model_copy(update={"skip_corrupt": True}))
+    assert len(kept) == 6 and [Path(p).name for p in kept.skipped] == ["huge.png"]
+
+
+def test_a_decompression_bomb_among_large_images_is_skipped_before_training(image_folder):
+    """Images over 64 px are decoded per item by the loader: skip_corrupt must drop the bomb before that."""
+    root = image_folder(counts=(2, 2), size=80)
+    bomb_png(root / "class0" / "huge.png")
+    kept = build_dataset(folder_config(root).model_copy(update={"skip_corrupt": True}))
+    assert len(kept) == 4 and [Path(p).name for p in kept.skipped] == ["huge.png"]
+    assert all(kept[i][0].shape == (3, 80, 80) for i in range(len(kept)))

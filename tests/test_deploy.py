@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import bomb_png
 from libkd.cli import main
 from libkd.config import DataConfig
 from libkd.data import build_dataset
@@ -82,7 +83,7 @@ def test_export_matches_pytorch_on_real_images_and_describes_itself(exported, tr
     assert (folder / "model.onnx").is_file() and (folder / "model.int8.onnx").is_file()
     assert exported["files_mb"]["model.int8.onnx"] < 0.6 * exported["files_mb"]["model.onnx"]
     pre = json.loads((folder / "preprocess.json").read_text())
-    assert pre["classes"] == [str(d) for d in range(10)] or len(pre["classes"]) == 10
+    assert pre["classes"] == build_dataset(DATA, "train").classes == [str(d) for d in range(10)]
     assert pre["input_size"] == 16 and pre["channel_order"] == "RGB" and pre["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
     card = (folder / "MODEL_CARD.md").read_text()
     for needle in ("kdvit_mini_patch4_32", "Parameters", "teacher 0: `resnet18` (conv)", "ONNX int8 (dynamic)", "libkd export"):
@@ -239,3 +240,57 @@ def test_pinning_threads_for_a_measurement_leaves_the_callers_count(trained, tmp
 def test_loading_a_checkpoint_for_inference_uses_its_recorded_preprocessing(trained):
     model, spec, described = load_model_for_inference(trained["student"], threads=1)
     assert described.startswith("PyTorch") and spec == preprocess_spec(json.loads(Path(trained["student"] + ".json").read_text()))
+
+
+def test_predict_names_and_skips_a_decompression_bomb(exported, tmp_path, capsys):
+    folder = _user_folder(tmp_path, 2)
+    bomb_png(folder / "huge.png")
+    result = predict(exported["folder"], [str(folder)], threads=1)
+    assert len(result["predictions"]) == 2
+    assert {Path(s["file"]).name for s in result["skipped"]} == {"huge.png", "broken.png"}
+    assert "DecompressionBomb" in next(s["error"] for s in result["skipped"] if s["file"].endswith("huge.png"))
+    assert main(["predict", exported["folder"], str(folder)]) == 0
+    assert "skipped 2 unreadable file(s)" in capsys.readouterr().err
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped_and_exif_orientation_is_opt_in(tmp_path):
+    from PIL import Image
+
+    from libkd.data.datasets import decode_image
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024).astype(np.uint16)  # 0 .. 64512 of 65535
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    with Image.open(tmp_path / "ramp16.png") as img:
+        assert img.mode.startswith("I")  # Pillow opens a 16-bit PNG in an integer mode
+    decoded = decode_image(tmp_path / "ramp16.png", None)
+    assert decoded.shape == (8, 8, 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded[..., 0], np.round(ramp / 65535 * 255).astype(np.uint8))
+    assert len(np.unique(decoded)) == 64  # convert("RGB") alone clips all but the first pixel to 255
+    # EXIF orientation 6 (rotate 90 degrees clockwise to view): applied only when asked for.
+    pixels = np.zeros((4, 8, 3), np.uint8)
+    pixels[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    assert decode_image(tmp_path / "phone.jpg", None).shape == (4, 8, 3)
+    assert decode_image(tmp_path / "phone.jpg", None, exif_transpose=True).shape == (8, 4, 3)
+
+
+def test_predict_on_an_image_file_gives_evaluates_logits_for_that_image(exported, trained, tmp_path):
+    """The file path (decode, evaluate's transform, the model) and evaluate's own pipeline give the same logits."""
+    from libkd.evaluate import val_loader
+    from libkd.models import build_from_checkpoint
+
+    folder = _user_folder(tmp_path, 4)
+    files = sorted(folder.rglob("img*.png"), key=lambda p: int(p.stem[3:]))
+    model, meta = build_from_checkpoint(trained["student"])
+    loader, _ = val_loader(DATA, preprocess_spec(meta), batch_size=4)
+    images, _ = next(iter(loader))
+    with torch.no_grad():
+        expected = model.eval()(images[:4]).softmax(-1)
+    result = predict(trained["student"], [str(f) for f in files], top_k=10, threads=1)
+    for row, prediction in zip(expected, result["predictions"]):
+        got = torch.zeros(10)
+        for entry in prediction["top"]:
+            got[entry["index"]] = entry["prob"]
+        torch.testing.assert_close(got, row, atol=1e-6, rtol=1e-5)

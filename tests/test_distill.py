@@ -444,3 +444,14 @@ def test_each_scored_epoch_records_each_tokens_agreement_with_its_teacher_from_c
     assert len(json.loads((tmp_path / "b" / "metrics.jsonl").read_text())["val_token_agreement"]) == 2
     distill(run_config(tmp_path / "c", "distill.mode=none", "train.epochs=1"))  # no tokens, nothing to agree with
     assert "val_token_agreement" not in json.loads((tmp_path / "c" / "metrics.jsonl").read_text())
+
+
+def test_off_a_terminal_no_progress_bar_residue_only_one_summary_line_per_epoch(tmp_path, stores, capfd):
+    """In a log file or pipe (CI, nohup) a bar would leave 'epoch 3/12:   0%| ...' lines; there only the summaries."""
+    args = ["distill", *[x for kv in DATA + STUDENT for x in ("--set", kv)], "--set", "distill.mode=store",
+            "--set", f"distill.store={stores['consistent']}", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    out, err = capfd.readouterr()
+    assert "%|" not in out + err and "it/s]" not in out + err
+    summaries = [line for line in (out + err).splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in summaries] == ["1/2", "2/2"] and all("loss" in line for line in summaries)

@@ -278,6 +278,9 @@ def export_cmd(args: argparse.Namespace) -> int:
                arg("--json", action="store_true", help="print one JSON object (predictions, skipped files)"),
                arg("--batch-size", type=int, default=64),
                arg("--int8", action="store_true", help="use the export folder's model.int8.onnx"),
+               arg("--exif-transpose", action="store_true",
+                   help="turn each image upright as its EXIF orientation says (phone photos); off by default, as in "
+                        "training and evaluate, which read pixels as stored"),
                arg("--threads", type=int, help="CPU threads (default: all available)")],
     uses_config=False,
 )
@@ -285,7 +288,7 @@ def predict_cmd(args: argparse.Namespace) -> int:
     from libkd import LibkdError
     from libkd.predict import predict
 
-    result = predict(args.model, args.images, args.top_k, args.batch_size, args.threads, args.int8)
+    result = predict(args.model, args.images, args.top_k, args.batch_size, args.threads, args.int8, args.exif_transpose)
     if not result["predictions"]:
         names = ", ".join(s["file"] for s in result["skipped"][:3])
         raise LibkdError(f"none of the {result['num_images']} file(s) is a readable image ({names}); pass JPEG/PNG/... images")

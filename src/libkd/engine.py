@@ -7,7 +7,6 @@ import math
 import os
 import pickle
 import random
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+from libkd.progress import progress_bar
 
 from libkd import LibkdError
 from libkd.config import TrainConfig
@@ -175,9 +174,7 @@ def train_one_epoch(
     part_sums: dict[str, torch.Tensor] = {}
     limit = min(cfg.max_steps_per_epoch or len(loader), len(loader))
     start = time.perf_counter()
-    # Off a terminal (logs, CI) the bar still reports, every 30 s.
-    bar = tqdm(total=limit, desc=desc, unit="step", leave=False, file=sys.stderr,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
+    bar = progress_bar(total=limit, desc=desc, unit="step", leave=False)  # off a terminal, the epoch's summary line only
     for batch in loader:
         if steps >= limit:
             break

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from libkd import LibkdError
-from libkd.data.datasets import IMG_EXTENSIONS, CorruptImageError, _decode
+from libkd.progress import progress_bar
+from libkd.data.datasets import IMG_EXTENSIONS, CorruptImageError, decode_image
 from libkd.deploy import image_transform, load_model_for_inference, restores_threads
 
 
@@ -34,16 +35,17 @@ def image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _batches(files: list[Path], spec: dict[str, Any], batch_size: int, skipped: list[dict[str, str]]
-             ) -> Iterator[tuple[list[Path], torch.Tensor]]:
+def _batches(files: list[Path], spec: dict[str, Any], batch_size: int, skipped: list[dict[str, str]],
+             exif_transpose: bool = False) -> Iterator[tuple[list[Path], torch.Tensor]]:
     transform = image_transform(spec)
     paths: list[Path] = []
     images: list[torch.Tensor] = []
     for path in files:
         try:
-            array = _decode(path, spec.get("load_size"))
+            array = decode_image(path, spec.get("load_size"), exif_transpose)
         except CorruptImageError as exc:
-            skipped.append({"file": str(path), "error": str(exc.__cause__ or exc)})
+            cause = exc.__cause__ or exc
+            skipped.append({"file": str(path), "error": f"{cause.__class__.__name__}: {cause}"})
             continue
         paths.append(path)
         images.append(transform(torch.from_numpy(np.array(array)).permute(2, 0, 1)))
@@ -57,10 +59,9 @@ def _batches(files: list[Path], spec: dict[str, Any], batch_size: int, skipped: 
 @restores_threads
 @torch.inference_mode()
 def predict(model_path: str, inputs: list[str], top_k: int = 5, batch_size: int = 64, threads: int | None = None,
-            int8: bool = False) -> dict[str, Any]:
-    """Top-k classes and probabilities per image; unreadable images are listed under ``skipped``."""
-    from tqdm import tqdm
-
+            int8: bool = False, exif_transpose: bool = False) -> dict[str, Any]:
+    """Top-k classes and probabilities per image; unreadable images are listed under ``skipped``. ``exif_transpose``
+    turns each image as its EXIF orientation says first (off by default: training and evaluate read pixels as stored)."""
     if top_k < 1:
         raise LibkdError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
@@ -71,8 +72,8 @@ def predict(model_path: str, inputs: list[str], top_k: int = 5, batch_size: int 
     k = min(top_k, len(classes))
     skipped: list[dict[str, str]] = []
     predictions = []
-    with tqdm(total=len(files), desc="predicting", unit="img", disable=len(files) < 2 or None, leave=False) as bar:
-        for paths, images in _batches(files, spec, batch_size, skipped):
+    with progress_bar(total=len(files), desc="predicting", unit="img", disable=len(files) < 2, leave=False) as bar:
+        for paths, images in _batches(files, spec, batch_size, skipped, exif_transpose):
             probs = model(images).float().softmax(-1)
             values, indices = probs.topk(k, dim=-1)
             for path, v, i in zip(paths, values.tolist(), indices.tolist()):

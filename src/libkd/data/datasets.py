@@ -17,12 +17,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from libkd import LibkdError
 from libkd.config import DataConfig
 from libkd.fileio import write_json_atomic
+from libkd.progress import progress_bar
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Images up to this size are decoded once into a single uint8 array and cached on disk.
@@ -72,7 +72,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.images is not None:
             return np.asarray(self.images[index])
         assert self.files is not None
-        return _decode(self.files[index], self.load_size)
+        return decode_image(self.files[index], self.load_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = torch.from_numpy(np.array(self.load_image(index))).permute(2, 0, 1)  # copy: cache is read-only
@@ -132,14 +132,32 @@ class ImageDataset(torch.utils.data.Dataset):
         return mean.round(4).tolist(), std.round(4).tolist()
 
 
-def _decode(path: Path, load_size: int | None) -> np.ndarray:
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode. 16-bit images (``I;16*``, and ``I`` as Pillow opens 16-bit PNGs) are scaled
+    from 0-65535 to 0-255 and float images (``F``) from 0-1 (or their own range when it is wider) first: a bare
+    ``convert("RGB")`` clips them, turning most medical and scientific images white."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "F" else 1.0
+        top = max(top, float(values.max()) if values.size else top)  # a 32-bit or wide float image: its own range
+        low = min(0.0, float(values.min()) if values.size else 0.0)
+        gray = np.round((values - low) * (255.0 / max(top - low, 1e-12))).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(path: Path, load_size: int | None, exif_transpose: bool = False) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB; ``exif_transpose`` applies the file's EXIF orientation (phone photos).
+    Any file Pillow cannot read, or refuses as a decompression bomb, is a :class:`CorruptImageError` naming it."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            img = to_rgb8(img)
             if load_size and img.size != (load_size, load_size):
                 img = img.resize((load_size, load_size), Image.BICUBIC)
             return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise CorruptImageError(path, exc) from exc
 
 
@@ -196,14 +214,14 @@ def cache_dir(config: DataConfig) -> Path:
 def _decode_all(files: list[Path], load_size: int | None, skip_corrupt: bool, desc: str) -> tuple[list[np.ndarray | None], list[Path]]:
     def one(path: Path) -> np.ndarray | None:
         try:
-            return _decode(path, load_size)
+            return decode_image(path, load_size)
         except CorruptImageError:
             if skip_corrupt:
                 return None
             raise
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        decoded = list(tqdm(pool.map(one, files, chunksize=256), total=len(files), desc=desc, unit="img",
+        decoded = list(progress_bar(pool.map(one, files, chunksize=256), total=len(files), desc=desc, unit="img",
                             disable=len(files) < 2000, leave=False))
     skipped = [f for f, img in zip(files, decoded) if img is None]
     return decoded, skipped
@@ -230,7 +248,7 @@ def content_hashes(files: list[Path], cache_dir: Path) -> list[str]:
 
     if stale:
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-            fresh = list(tqdm(pool.map(digest, [files[i] for i in stale], chunksize=256), total=len(stale),
+            fresh = list(progress_bar(pool.map(digest, [files[i] for i in stale], chunksize=256), total=len(stale),
                               desc="hashing images", unit="img", disable=len(stale) < 2000, leave=False))
         for i, value in zip(stale, fresh):
             index[names[i]] = [stamps[i], value]
@@ -250,9 +268,20 @@ def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
     base = ImageDataset(classes=classes, labels=labels_arr, keys=keys, source_id="imagefolder",
                         files=files, load_size=config.load_size)
 
-    first = config.load_size or max(_peek_size(files[0]))
-    if first > MAX_CACHED_SIZE:
-        return base  # large images: decoded per item by the DataLoader workers
+    if config.skip_corrupt:  # headers only (cheap): files Pillow cannot open, or refuses as too large, are left out
+        readable = [i for i, f in enumerate(files) if _peek_size(f, missing_ok=True) is not None]
+        if not readable:
+            raise DataError(f"no readable image in '{root}'")
+    else:
+        readable = list(range(len(files)))
+    first = config.load_size or max(_peek_size(files[readable[0]]))  # type: ignore[arg-type]
+    if first > MAX_CACHED_SIZE:  # large images: decoded per item by the DataLoader workers
+        if len(readable) == len(files):
+            return base
+        ds = base.subset(readable)
+        kept = set(readable)
+        ds.skipped = [str(f) for i, f in enumerate(files) if i not in kept]
+        return ds
 
     # The fingerprint holds every file's content hash, so an edited file is decoded again.
     cache_key = hashlib.sha256(f"{base.fingerprint}|{config.load_size}|{config.skip_corrupt}".encode()).hexdigest()[:32]
@@ -285,11 +314,14 @@ def load_imagefolder(root: Path, config: DataConfig) -> ImageDataset:
     return ds
 
 
-def _peek_size(path: Path) -> tuple[int, int]:
+def _peek_size(path: Path, missing_ok: bool = False) -> tuple[int, int] | None:
+    """The size in the file's header (None, with ``missing_ok``, for a file Pillow cannot or will not open)."""
     try:
         with Image.open(path) as img:
             return img.size
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
+        if missing_ok:
+            return None
         raise CorruptImageError(path, exc) from exc
 
 

@@ -14,6 +14,7 @@ import torch
 
 from libkd import __version__
 from libkd.config import DataConfig
+from libkd.progress import progress_bar
 from libkd.deploy.runtime import available_cores
 
 
@@ -43,11 +44,9 @@ def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def run_over(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], batches: Iterable, desc: str = "scoring"
              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every model's logits over the same batches (one pass over the images), and the labels."""
-    from tqdm import tqdm
-
     out: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels = []
-    for images, y in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+    for images, y in progress_bar(batches, desc=desc, unit="batch", leave=False):
         for name, model in models.items():
             out[name].append(model(images).float())
         labels.append(y)

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from libkd import LibkdError, __version__
 from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, StoreConfig, save_config
@@ -39,6 +37,7 @@ from libkd.store.format import (
     shard_file,
 )
 from libkd.fileio import DISK_FULL, sha256_file, write_json_atomic
+from libkd.progress import on_terminal, progress_bar
 
 
 def view_spec(data: DataConfig, dataset: ImageDataset) -> tuple[int, list[float], list[float]]:
@@ -144,8 +143,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     done_before = len(range(rank, num_shards, world)) - len(mine)
     if rank == 0 and done_before:
         print(f"resuming '{root}': {done_before} shard(s) already complete")
-    bar = tqdm(total=len(pairs), desc=f"precompute[{rank}]" if world > 1 else "precompute", unit="img", file=sys.stderr,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
+    bar = progress_bar(total=len(pairs), desc=f"precompute[{rank}]" if world > 1 else "precompute", unit="img")
     loader = torch.utils.data.DataLoader(
         ReplayDataset(augment), sampler=pairs, batch_size=cfg.store.batch_size, num_workers=cfg.store.workers,
         worker_init_fn=worker_init if cfg.store.workers else None, pin_memory=device.type == "cuda")
@@ -172,6 +170,10 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             if filled[int(shard)] == views * (stop - start):
                 _write_shard(root, int(shard), start, stop, pending.pop(int(shard)), completed, num_shards)
                 completed += 1
+                if not on_terminal():  # the bar is off in a log: one line per shard instead
+                    rate = (images_done + len(indices)) / max(time.perf_counter() - start_time, 1e-9)
+                    print(f"precompute{f'[{rank}]' if world > 1 else ''}: shard {completed}/{num_shards} written, "
+                          f"{images_done + len(indices):,} of {len(pairs):,} views, {rate:.0f} views/s", flush=True)
         bar.update(len(indices))
         images_done += len(indices)
     bar.close()
