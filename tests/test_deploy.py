@@ -84,7 +84,8 @@ def test_export_matches_pytorch_on_real_images_and_describes_itself(exported, tr
     assert exported["files_mb"]["model.int8.onnx"] < 0.6 * exported["files_mb"]["model.onnx"]
     pre = json.loads((folder / "preprocess.json").read_text())
     assert pre["classes"] == build_dataset(DATA, "train").classes == [str(d) for d in range(10)]
-    assert pre["input_size"] == 16 and pre["channel_order"] == "RGB" and pre["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    assert pre["input_size"] == 16 and pre["channel_order"] == "RGB" and pre["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx",
+                                                                                                     "timm": "config.json"}
     card = (folder / "MODEL_CARD.md").read_text()
     for needle in ("kdvit_mini_patch4_32", "Parameters", "teacher 0: `resnet18` (conv)", "ONNX int8 (dynamic)", "libkd export"):
         assert needle in card
@@ -206,24 +207,56 @@ def test_compare_measures_student_int8_teacher_and_ensemble_in_one_table(trained
     shutil.copy(trained["teacher"] + ".safetensors", str(second) + ".safetensors")
     shutil.copy(trained["teacher"] + ".json", str(second) + ".json")
     assert main(["compare", trained["student"], "--teachers", trained["teacher"], str(second), "--to", str(tmp_path / "c"),
-                 "--threads", "1", "--repeats", "3", "--calibration", "32"]) == 0
+                 "--threads", "1", "--repeats", "3", "--calibration", "32", "--fp32", "optimized",
+                 "--int8", "dynamic", "static", "dynamic-reduce-range@optimized"]) == 0
     record = json.loads((tmp_path / "c" / "compare.json").read_text())
     names = [r["model"] for r in record["rows"]]
-    assert names[:4] == ["student fp32 (PyTorch eager)", "student fp32 (onnxruntime)", "student int8 dynamic (onnxruntime)",
-                         "student int8 static (onnxruntime)"]
+    assert names[:6] == ["student fp32 (PyTorch eager)", "student fp32 (onnxruntime)", "student fp32 optimized (onnxruntime)",
+                         "student int8 dynamic (onnxruntime)", "student int8 static (onnxruntime)",
+                         "student int8 dynamic-reduce-range@optimized (onnxruntime)"]
+    assert names[6:10] == ["teacher 0: resnet18 (PyTorch eager)", "teacher 0: resnet18 (onnxruntime)",
+                           "teacher 1: resnet18 (PyTorch eager)", "teacher 1: resnet18 (onnxruntime)"]
     assert names[-1].startswith("teacher ensemble (2") and record["threads"] == 1 and record["images"] == 360
     rows = {r["model"]: r for r in record["rows"]}
     eager, ort32 = rows["student fp32 (PyTorch eager)"], rows["student fp32 (onnxruntime)"]
     assert ort32["top1"] == eager["top1"] and ort32["agreement_with_student_fp32"] == 100.0
+    # Every onnxruntime fp32 graph was checked against PyTorch, the teachers' too.
+    checked = [r for r in record["rows"] if "max_abs_logit_diff_vs_pytorch" in r]
+    assert {r["model"] for r in checked} == {n for n in names if "fp32" in n and "onnxruntime" in n} | {
+        n for n in names if n.startswith("teacher ") and n.endswith("(onnxruntime)")}
+    assert all(r["max_abs_logit_diff_vs_pytorch"] < 1e-3 for r in checked)
+    assert rows["student fp32 optimized (onnxruntime)"]["fused"]  # the optimizer's statistics: something fused
     teachers = [r for r in record["rows"] if r["kind"] == "teacher"]
     ensemble = record["rows"][-1]
+    # The ensemble takes each teacher at its faster runtime (by batch-64 throughput).
+    members = [max((r for r in teachers if r["teacher"] == i), key=lambda r: r["throughput_b64"]) for i in (0, 1)]
+    assert ensemble["members"] == [m["model"] for m in members]
     assert ensemble["top1"] == teachers[0]["top1"]  # two copies of one teacher: the mean is that teacher
-    assert ensemble["latency_b1_ms"] == pytest.approx(sum(t["latency_b1_ms"] for t in teachers))
+    assert ensemble["latency_b1_ms"] == pytest.approx(sum(m["latency_b1_ms"] for m in members))
     assert ensemble["parameters"] == 2 * teachers[0]["parameters"]
     assert all(r["latency_b1_ms"] > 0 and r["throughput_b64"] > 0 and r["file_mb"] > 0 for r in record["rows"])
     md = (tmp_path / "c" / "compare.md").read_text()
-    assert "| student int8 static (onnxruntime) |" in md and "Best int8" in md
+    assert "| student int8 static (onnxruntime) |" in md and "Most accurate int8" in md and "Fastest onnxruntime fp32" in md
+    assert "7-bit weights (reduce_range)" in md
     assert (tmp_path / "c" / "compare.png").stat().st_size > 5000
+
+
+def test_compare_refuses_a_validation_split_whose_classes_are_in_another_order(trained, tmp_path, capsys):
+    """A --set data.* override can point the check at data whose classes are reordered: refused, not scored."""
+    shuffled = tmp_path / "digits"
+    val = build_dataset(DATA, "val")
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in reversed(range(10)):
+            folder = shuffled / split / f"c{9 - c}-{c}"
+            folder.mkdir(parents=True)
+            Image.fromarray(np.asarray(val.load_image(c))).save(folder / "x.png")
+    args = ["compare", trained["student"], "--to", str(tmp_path / "c"), "--threads", "1", "--int8",
+            "--set", "data.source=imagefolder", "--set", f"data.root={shuffled}", "--set", "data.image_size=16"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "classes" in err and "same order" in err and "Traceback" not in err
 
 
 def test_quantize_rejects_an_unknown_mode(tmp_path):
@@ -294,3 +327,58 @@ def test_predict_on_an_image_file_gives_evaluates_logits_for_that_image(exported
         for entry in prediction["top"]:
             got[entry["index"]] = entry["prob"]
         torch.testing.assert_close(got, row, atol=1e-6, rtol=1e-5)
+
+
+def test_a_failed_re_export_leaves_the_previous_export_whole_and_in_use(trained, tmp_path, monkeypatch):
+    import libkd.deploy.export as deploy
+
+    folder = tmp_path / "ship"
+    export_checkpoint(trained["student"], folder, int8="dynamic", threads=1)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real = deploy.export_onnx
+
+    def wrong(model, size, path, opset=18):
+        torch.manual_seed(1)
+        real(create_model("kdvit_mini_patch4_32", 10, img_size=16, embed_dim=48, depth=2, num_heads=2, num_teachers=1),
+             size, path, opset)
+
+    monkeypatch.setattr(deploy, "export_onnx", wrong)
+    with pytest.raises(ExportError, match="differ from PyTorch"):
+        export_checkpoint(trained["student"], folder, threads=1)  # and without int8: the old int8 file must stay too
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no staging folder left, nothing replaced
+    assert predict(str(folder), [str(_user_folder(tmp_path, 1) / "img0.png")], threads=1)["predictions"]
+
+
+def test_timm_opens_the_exported_student_with_the_onnx_models_logits(exported, trained):
+    import timm
+
+    import libkd  # noqa: F401 - what a user imports to register libkd's models in timm
+
+    folder = Path(exported["folder"])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "kdvit_mini_patch4_32" and config["model_args"]["num_teachers"] == 1
+    assert config["pretrained_cfg"]["input_size"] == [3, 16, 16] and config["pretrained_cfg"]["num_classes"] == 10
+    assert (folder / "model.safetensors").is_file()
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (3, 16, 16) and list(cfg["mean"]) == pytest.approx(json.loads((folder / "preprocess.json").read_text())["mean"])
+    val = build_dataset(DATA, "val")
+    pre = json.loads((folder / "preprocess.json").read_text())
+    batch = torch.stack([image_transform(pre)(val[i][0]) for i in range(16)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), OnnxModel(folder / "model.onnx", 1)(batch), atol=1e-4, rtol=1e-4)
+    assert exported["validation"]["timm_local_dir_max_abs_logit_diff"] < 1e-5
+
+
+def test_the_model_card_carries_hugging_face_metadata(exported):
+    import yaml
+
+    card = (Path(exported["folder"]) / "MODEL_CARD.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "timm" and "knowledge-distillation" in meta["tags"] and meta["datasets"] == ["digits"]
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    v = exported["validation"]
+    assert [m["value"] for m in metrics] == [round(v["top1_onnx"], 2), round(v["top1_int8"], 2)]
+    assert meta["base_teachers"][0]["name"] == "resnet18" and meta["base_teachers"][0]["kind"] == "conv"
+    assert "# kdvit_mini_patch4_32 (student)" in card

@@ -455,3 +455,39 @@ def test_off_a_terminal_no_progress_bar_residue_only_one_summary_line_per_epoch(
     assert "%|" not in out + err and "it/s]" not in out + err
     summaries = [line for line in (out + err).splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in summaries] == ["1/2", "2/2"] and all("loss" in line for line in summaries)
+
+
+def test_a_mean_tokens_hard_targets_are_read_at_tau_and_untempered_tails_are_refused_unless_asked_for(
+        tmp_path, teachers, monkeypatch, capsys):
+    from libkd.store import LogitStore
+
+    def build(name: str, taus: str) -> Path:
+        precompute(load_config(None, DATA + ["store.views=2", "store.shard_size=16", f"store.path={tmp_path / name}",
+                                             "store.encoding=topk", "store.topk=2", f"store.topk_taus={taus}",
+                                             f"store.teachers=[{', '.join(teachers)}]"]))
+        return tmp_path / name
+
+    tails = build("tails", "[2.0]")
+    common = ["train.epochs=1", "train.max_steps_per_epoch=1", "distill.kind=hard", "distill.combine=mean"]
+    # The argmax of a mean of tempered distributions depends on tau: a mean token's hard targets need the tail at tau.
+    with pytest.raises(LibkdError, match=r"not at distill.tau=3.0"):
+        distill(run_config(tmp_path / "m3", f"distill.store={tails}", "distill.tau=3.0", *common))
+    read_at = []
+    real_read = LogitStore.read
+
+    def recording(self, indices, view, teachers=None, tau=1.0):
+        read_at.append(tau)
+        return real_read(self, indices, view, teachers, tau)
+
+    monkeypatch.setattr(LogitStore, "read", recording)
+    distill(run_config(tmp_path / "m2", f"distill.store={tails}", "distill.tau=2.0", *common))
+    assert read_at and set(read_at) == {2.0}
+    # A top-k store without tempered tails is refused at tau != 1, naming the flag; with the flag, the bound is logged.
+    bare = build("bare", "[1.0]")
+    soft = ["train.epochs=1", "train.max_steps_per_epoch=1", f"distill.store={bare}", "distill.tau=2.0"]
+    with pytest.raises(LibkdError, match=r"distill.allow_untempered_tails=true"):
+        distill(run_config(tmp_path / "bare-refused", *soft))
+    capsys.readouterr()
+    assert distill(run_config(tmp_path / "bare-allowed", *soft, "distill.allow_untempered_tails=true"))["train_loss"] > 0
+    note = capsys.readouterr().err
+    assert "T=1 tail mass is" in note and re.search(r"overstates the tail's tempered mass by up to 1\.41x", note)

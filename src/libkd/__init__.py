@@ -8,3 +8,8 @@ class LibkdError(Exception):
 
     Its message names the problem and the fix; the CLI prints it without a traceback.
     """
+
+
+# Importing libkd registers its models (kdvit_*, rednet*) in timm's registry, so that
+# timm.create_model("local-dir:EXPORT_DIR", pretrained=True) rebuilds an exported student.
+from libkd import models as _models  # noqa: E402,F401

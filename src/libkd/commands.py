@@ -7,6 +7,10 @@ import json
 import time
 
 from libkd.cli import arg, command, experiment_config
+from libkd.deploy.export import DEFAULT_OPSET as DEFAULT_OPSET_CLI
+from libkd.deploy.quantize import INT8_RECIPES
+
+INT8_NAMES = list(INT8_RECIPES)
 
 
 def _data_override(args: argparse.Namespace):
@@ -244,9 +248,13 @@ def store_verify(args: argparse.Namespace) -> int:
     help="Export a student or teacher checkpoint to ONNX (fp32, optionally int8) with preprocess.json and MODEL_CARD.md, "
     "checked against PyTorch with onnxruntime on the checkpoint's validation images (a mismatch is an error).",
     arguments=[arg("checkpoint", help="NAME of NAME.safetensors + NAME.json, e.g. runs/x/student"),
-               arg("--int8", choices=["dynamic", "static"], help="also write model.int8.onnx: dynamic (MatMul/Gemm weights "
-                   "int8, activations at run time) or static (QDQ, calibrated on --calibration training images)"),
-               arg("--opset", type=int, default=18, help="ONNX opset (default 18)"),
+               arg("--int8", choices=INT8_NAMES, help="also write model.int8.onnx: dynamic (MatMul/Gemm weights int8, "
+                   "activations at run time; -per-channel, -reduce-range (7-bit weights, for CPUs without VNNI) and -u8u8 "
+                   "variants) or static (QDQ, calibrated on --calibration training images; -percentile, -entropy)"),
+               arg("--opset", type=int, default=DEFAULT_OPSET_CLI, help=f"ONNX opset (default {DEFAULT_OPSET_CLI}; 23 and "
+                   "later export attention as one Attention node)"),
+               arg("--optimize", action="store_true", help="run onnxruntime's transformer optimizer on a ViT student "
+                   "(fused LayerNorm/SkipLayerNorm, Gelu, Attention where the pattern matches; statistics in export.json)"),
                arg("--calibration", type=int, default=256, metavar="N", help="training images for static int8 (default 256)"),
                arg("--val-images", type=int, metavar="N", help="validate on the first N validation images (default all)"),
                arg("--threads", type=int, help="CPU threads for onnxruntime and PyTorch (default: all available)")],
@@ -256,7 +264,7 @@ def export_cmd(args: argparse.Namespace) -> int:
 
     data = _data_override(args)
     r = export_checkpoint(args.checkpoint, args.out, args.int8, args.opset, args.calibration, data, args.val_images,
-                          args.threads, command=describe_command())
+                          args.threads, command=describe_command(), optimize=args.optimize)
     v = r["validation"]
     print(f"onnx fp32: max |logit diff| {v['max_abs_logit_diff']:.2g} vs PyTorch (tolerance {v['tolerance']:.2g}), top-1 "
           f"agreement {v['top1_agreement_onnx_vs_pytorch']:.2f} %, top-1 {v['top1_onnx']:.2f} ({v['images']} images)")
@@ -264,7 +272,12 @@ def export_cmd(args: argparse.Namespace) -> int:
         print(f"onnx int8 ({r['int8']['mode']}): top-1 {v['top1_int8']:.2f} ({v['top1_int8'] - v['top1_onnx']:+.2f}), "
               f"agreement with fp32 {v['top1_agreement_int8_vs_fp32']:.2f} %, {r['files_mb']['model.int8.onnx']:.2f} MB "
               f"against {r['files_mb']['model.onnx']:.2f} MB")
-    print(f"exported to {r['folder']} (model.onnx{', model.int8.onnx' if r['int8'] else ''}, preprocess.json, MODEL_CARD.md)")
+    if "timm_local_dir_max_abs_logit_diff" in v:
+        print(f"timm: timm.create_model('local-dir:{r['folder']}', pretrained=True) rebuilds it (max |logit diff| "
+              f"{v['timm_local_dir_max_abs_logit_diff']:.2g})")
+    extra = ", model.int8.onnx" if r["int8"] else ""
+    extra += ", config.json + model.safetensors (timm)" if "timm_local_dir_max_abs_logit_diff" in v else ""
+    print(f"exported to {r['folder']} (model.onnx{extra}, preprocess.json, MODEL_CARD.md)")
     return 0
 
 
@@ -314,13 +327,17 @@ def predict_cmd(args: argparse.Namespace) -> int:
                arg("--threads", type=int, help="CPU threads, pinned for every model (default: all available)"),
                arg("--repeats", type=int, default=50, help="batch-1 calls timed per model (median; default 50)"),
                arg("--val-images", type=int, metavar="N", help="score the first N validation images (default all)"),
-               arg("--int8", nargs="*", choices=["dynamic", "static"], default=["dynamic", "static"],
-                   help="int8 modes to build (default both; none: --int8 with no value)"),
+               arg("--int8", nargs="*", default=["dynamic", "static"], metavar="RECIPE",
+                   help="int8 recipes to build (default dynamic and static; none: --int8 with no value); NAME@VARIANT "
+                        "quantises that --fp32 variant's graph (after fusion)"),
+               arg("--fp32", nargs="*", default=[], metavar="VARIANT",
+                   help="more onnxruntime fp32 graphs of the student to measure: opset23 (Attention op), optimized "
+                        "(onnxruntime's transformer optimizer), opset23-optimized"),
                arg("--calibration", type=int, default=256, metavar="N", help="training images for static int8")],
 )
 def compare_cmd(args: argparse.Namespace) -> int:
     from libkd.deploy import compare
 
     data = _data_override(args)
-    print(f"compare: {compare(args.student, args.teachers, args.to, args.threads, args.repeats, args.val_images, tuple(args.int8), args.calibration, data=data)}")
+    print(f"compare: {compare(args.student, args.teachers, args.to, args.threads, args.repeats, args.val_images, tuple(args.int8), args.calibration, data=data, fp32=tuple(args.fp32))}")
     return 0

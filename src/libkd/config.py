@@ -242,6 +242,9 @@ class DistillConfig(Section):
     # A store of one clean view per image (replay.enabled=false) used with full augmentation is the
     # index-keyed cache bug; allowed only when asked for, as the study's baseline.
     naive_store: bool = False
+    # A top-k store built without tempered tails (store.topk_taus) read at a tau other than 1 spreads the T=1 tail
+    # evenly and then tempers it, which overstates the tail; refused unless asked for.
+    allow_untempered_tails: bool = False
 
 
 class ExperimentConfig(Section):

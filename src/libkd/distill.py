@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from libkd import LibkdError
@@ -122,7 +123,9 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     # The student's stream has V views; a naive store holds one clean view, and its read folds every view onto it, so
     # the naive baseline differs from the consistent store in its targets only, not in augmentation diversity.
     views = manifest["views"] if manifest and not naive else cfg.store.views
-    read_tau = cfg.distill.tau if cfg.distill.kind == "soft" else 1.0  # hard targets are argmaxes: any tau gives the same
+    # A hard target of one teacher is its argmax, the same at any tau; that of a mean token is the argmax of the mean of
+    # the tempered distributions, which depends on tau: those are read at tau like soft targets.
+    read_tau = cfg.distill.tau if cfg.distill.kind == "soft" or cfg.distill.combine == "mean" else 1.0
     if mode == "store":
         store = _open_store(cfg, manifest, train, size, mean, std)
         columns = _store_columns(cfg, manifest)
@@ -130,9 +133,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
             if store.taus:
                 tail_column(store.taus, read_tau)  # an unstored tau fails now, not at the first batch
             else:
-                print(f"note: this top-k store predates tempered tails: at distill.tau={cfg.distill.tau} its targets spread "
-                      "the T=1 tail evenly and then temper it, which inflates the tail (see the README's store section); "
-                      "rebuild it with `libkd precompute` for exact tempered tails", file=sys.stderr)
+                _untempered_tails(cfg, store, read_tau)
         teacher_names = [manifest["teachers"][i]["name"] for i in columns]
         kinds = [manifest.get("teacher_kinds", [])[i] for i in columns] if manifest.get("teacher_kinds") else []
     elif mode == "online":
@@ -278,6 +279,23 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     return history[-1] if history else {}
+
+
+def _untempered_tails(cfg: ExperimentConfig, store: LogitStore, tau: float) -> None:
+    """A top-k store without tempered tails read at ``tau`` != 1: refused unless distill.allow_untempered_tails; then
+    the bound its records give on the error is logged."""
+    if not cfg.distill.allow_untempered_tails:
+        raise LibkdError(f"store '{store.root}' keeps top-{store.manifest['topk']} logits without the tails' tempered "
+                         f"masses, so at distill.tau={tau} its targets would spread the T=1 tail evenly and then temper it, "
+                         "overstating the tail; rebuild it with `libkd precompute` (store.topk_taus including "
+                         f"{tau}), use distill.tau=1, or accept it with --set distill.allow_untempered_tails=true")
+    sample = store.records(np.arange(min(store.num_samples, 4096)), 0, 0)
+    tail = np.exp(sample["log_rest"].astype(np.float64))
+    factor = (store.num_classes - store.manifest["topk"]) ** (1.0 - 1.0 / tau)
+    print(f"note: untempered top-k tails at distill.tau={tau} (allowed by distill.allow_untempered_tails): the records' "
+          f"T=1 tail mass is {tail.mean():.4f} on average (max {tail.max():.4f}, {len(tail)} records of teacher 0, view 0); "
+          f"spreading it evenly before tempering overstates the tail's tempered mass by up to {factor:.2f}x "
+          "(exact only when the tail is already uniform)", file=sys.stderr)
 
 
 class WithStoredTargets:

@@ -10,6 +10,36 @@ from libkd import LibkdError, __version__
 from libkd.deploy.runtime import FP32_FILE, INT8_FILE
 
 
+def front_matter(meta: dict[str, Any], record: dict[str, Any], spec: dict[str, Any]) -> str:
+    """The Hugging Face model-card metadata (YAML between --- lines): library, tags, data set, the measured top-1 of
+    the fp32 and int8 exports as model-index results, and the teachers the student learned from."""
+    import yaml
+
+    v, distill = record["validation"], meta.get("distill") or {}
+    data = meta.get("data_config") or {}
+    dataset = data.get("source") if data.get("source") != "imagefolder" else Path(str(data.get("root") or "images")).name
+    results = [{"type": "accuracy", "name": "top-1, ONNX fp32", "value": round(v["top1_onnx"], 2)}]
+    if record.get("int8"):
+        results.append({"type": "accuracy", "name": f"top-1, ONNX int8 ({record['int8']['mode']})", "value": round(v["top1_int8"], 2)})
+    card = {
+        "library_name": "timm",
+        "license": "apache-2.0",
+        "pipeline_tag": "image-classification",
+        "tags": ["image-classification", "timm", "libkd", "onnx",
+                 *(["knowledge-distillation", "vision-transformer"] if distill else [])],
+        "datasets": [dataset],
+        "metrics": ["accuracy"],
+        "model-index": [{"name": meta["arch"]["name"], "results": [{
+            "task": {"type": "image-classification"},
+            "dataset": {"name": dataset, "type": dataset, "split": data.get("val_split") or "validation"},
+            "metrics": results}]}],
+    }
+    if distill:
+        card["base_teachers"] = [{"name": n, "kind": k, "checkpoint": str(p)} for n, k, p in
+                                 zip(distill.get("teachers") or [], distill.get("teacher_kinds") or [],
+                                     distill.get("teacher_checkpoints") or [])]
+    return "---\n" + yaml.safe_dump(card, sort_keys=False, allow_unicode=True) + "---\n"
+
 
 def model_card(checkpoint: str, meta: dict[str, Any], record: dict[str, Any], spec: dict[str, Any]) -> str:
     """MODEL_CARD.md in the style of timm / Hugging Face cards, from the sidecar and the export's measurements."""
@@ -18,7 +48,7 @@ def model_card(checkpoint: str, meta: dict[str, Any], record: dict[str, Any], sp
     arch, v = meta["arch"], record["validation"]
     distill = meta.get("distill") or {}
     data = meta.get("data_config") or {}
-    lines = [f"# {arch['name']} ({'student' if 'distill' in meta else 'teacher'}), exported by libkd {__version__}", "",
+    lines = [front_matter(meta, record, spec), f"# {arch['name']} ({'student' if 'distill' in meta else 'teacher'}), exported by libkd {__version__}", "",
              "An image classifier exported from a libkd checkpoint. `model.onnx` takes float images (batch, 3, "
              f"{spec['input_size']}, {spec['input_size']}) named `image` and returns `logits` (batch, {arch['num_classes']}); "
              "`preprocess.json` says how to make the input. `libkd predict` does it for you:", "",
@@ -61,7 +91,7 @@ def model_card(checkpoint: str, meta: dict[str, Any], record: dict[str, Any], sp
         lines.append(f"| ONNX int8 ({q['mode']}) | {v['top1_int8']:.2f} | {v['top1_agreement_int8_vs_fp32']:.2f} % | "
                      f"{record['files_mb'][INT8_FILE]:.2f} MB | {record['latency_batch1_ms']['int8']:.2f} ms |")
         lines += ["", f"int8 ({q['mode']}) quantises {', '.join(q['quantized_ops'])}; {q['kept_fp32']} stays fp32"
-                      + (f"; activation ranges calibrated on {q['calibration_images']} training images." if q["mode"] == "static" else ".")]
+                      + (f"; activation ranges calibrated on {q['calibration_images']} training images." if q["calibration_images"] else ".")]
     m = record["machine"]
     lines += ["", f"Latency: median of 50 calls, {record['threads']} thread(s), {m['cpu']}, torch {m['torch']}, "
                   f"onnxruntime {m['onnxruntime']}.", "",

@@ -8,21 +8,35 @@ from typing import Any, Callable
 import torch
 
 from libkd.config import DataConfig
-from libkd.deploy.export import DEFAULT_OPSET, describe_command, export_onnx
+from libkd.deploy.export import DEFAULT_OPSET, check_against_pytorch, check_classes, describe_command, export_onnx, optimize_onnx
 from libkd.deploy.measure import _mb, _top1, latency_ms, machine, run_over, top1_agreement, validation_batches
-from libkd.deploy.quantize import INT8_MODES, calibration_images, quantize_int8
-from libkd.deploy.runtime import FP32_FILE, OnnxModel, pin_threads, preprocess_spec, restores_threads
+from libkd.deploy.quantize import INT8_MODES, INT8_RECIPES, calibration_images, quantize_int8
+from libkd.deploy.runtime import FP32_FILE, ExportError, OnnxModel, pin_threads, preprocess_spec, restores_threads
 from libkd.fileio import write_json_atomic
 from libkd.models.checkpoint import checkpoint_data
 
+
+# fp32 graphs of the student besides the plain export: `--fp32 NAME` in compare, each a row.
+FP32_VARIANTS = {
+    "opset23": {"opset": 23, "optimize": False},           # attention exported as ONNX's Attention op
+    "optimized": {"opset": None, "optimize": True},        # onnxruntime's transformer optimizer on the plain export
+    "opset23-optimized": {"opset": 23, "optimize": True},
+}
 
 
 @restores_threads
 def compare(student: str, teachers: list[str] | None = None, out: str | Path = "runs/compare", threads: int | None = None,
             repeats: int = 50, val_images: int | None = None, int8: tuple[str, ...] = INT8_MODES, calibration: int = 256,
-            batch_size: int = 256, data: DataConfig | None = None, opset: int = DEFAULT_OPSET, command: str | None = None) -> Path:
+            batch_size: int = 256, data: DataConfig | None = None, opset: int = DEFAULT_OPSET, command: str | None = None,
+            fp32: tuple[str, ...] = ()) -> Path:
     """What the student saves against the teachers it replaces, measured in one run on one machine: parameters, file
-    size, batch-1 latency, batch-64 throughput and top-1 on the validation split. Writes compare.md/.json/.png."""
+    size, batch-1 latency, batch-64 throughput and top-1 on the validation split. Writes compare.md/.json/.png.
+
+    The student runs in eager PyTorch, onnxruntime fp32 (the plain export, and each of ``fp32``'s variants) and each
+    int8 recipe of ``int8`` (``NAME`` quantises the plain export, ``NAME@VARIANT`` that fp32 variant: quantising after
+    fusion); each teacher in eager PyTorch and in onnxruntime. Every onnxruntime fp32 graph is checked against PyTorch
+    as ``libkd export`` checks it, and the validation split's classes against the checkpoint's. The ensemble row takes
+    each teacher at its faster runtime."""
     from libkd.models import build_from_checkpoint, count_parameters
     from libkd.models.checkpoint import checkpoint_paths
     from libkd.teachers import load_teachers
@@ -30,78 +44,107 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
     threads = pin_threads(threads)
     out = Path(out)
     (out / "exports").mkdir(parents=True, exist_ok=True)
+    unknown = [v for v in fp32 if v not in FP32_VARIANTS] + [m for m in int8 if m.partition("@")[0] not in INT8_RECIPES
+                                                             or m.partition("@")[2] not in ("", *fp32)]
+    if unknown:
+        raise ExportError(f"unknown variant(s) {unknown}: fp32 variants are {', '.join(FP32_VARIANTS)}, int8 recipes "
+                          f"{', '.join(INT8_RECIPES)}, optionally @ one of the fp32 variants asked for")
     model, meta = build_from_checkpoint(student)
     model.eval()
     spec = preprocess_spec(meta)
     data = checkpoint_data(student, meta, data)
+    batches, classes = validation_batches(data, spec, batch_size, val_images)
+    check_classes(classes, spec, f"the student '{student}'")
     teacher_paths = teachers if teachers is not None else list((meta.get("distill") or {}).get("teacher_checkpoints") or [])
     loaded = load_teachers(teacher_paths, spec["classes"], torch.device("cpu")) if teacher_paths else []
 
     rows: list[dict[str, Any]] = []
     runners: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    student_onnx = out / "exports" / "student" / FP32_FILE
-    student_onnx.parent.mkdir(parents=True, exist_ok=True)
-    print(f"compare: exporting the student -> {student_onnx}", flush=True)
-    export_onnx(model, spec["input_size"], student_onnx, opset)
+    checks: dict[str, str] = {}  # onnxruntime row -> the PyTorch row it must match
     size = spec["input_size"]
 
-    def add(name: str, kind: str, runner: Callable, params: int, file: Path | None, input_size: int) -> None:
+    def add(name: str, kind: str, runner: Callable, params: int, file: Path | None, input_size: int, **extra: Any) -> None:
         runners[name] = runner
         rows.append({"model": name, "kind": kind, "parameters": params, "file_mb": _mb(file) if file else None,
-                     "input_size": input_size})
+                     "input_size": input_size, **extra})
 
     n_params = count_parameters(model)
-    add("student fp32 (PyTorch eager)", "student", model, n_params, checkpoint_paths(student)[0], size)
-    add("student fp32 (onnxruntime)", "student", OnnxModel(student_onnx, threads), n_params, student_onnx, size)
-    for mode in int8:
-        path = student_onnx.with_name(f"model.int8-{mode}.onnx")
-        print(f"compare: int8 ({mode}) -> {path}", flush=True)
-        calib = calibration_images(data, spec, calibration) if mode == "static" else None
-        quantize_int8(student_onnx, path, mode, calib)
-        add(f"student int8 {mode} (onnxruntime)", "int8", OnnxModel(path, threads), n_params, path, size)
-    teacher_onnx = []
+    eager = "student fp32 (PyTorch eager)"
+    add(eager, "student", model, n_params, checkpoint_paths(student)[0], size)
+    graphs = {"": out / "exports" / "student" / FP32_FILE}
+    graphs[""].parent.mkdir(parents=True, exist_ok=True)
+    print(f"compare: exporting the student -> {graphs['']}", flush=True)
+    export_onnx(model, size, graphs[""], opset)
+    add("student fp32 (onnxruntime)", "student", OnnxModel(graphs[""], threads), n_params, graphs[""], size, variant="plain")
+    checks["student fp32 (onnxruntime)"] = eager
+    for variant in fp32:
+        settings = FP32_VARIANTS[variant]
+        path = graphs[""].with_name(f"model.{variant}.onnx")
+        export_onnx(model, size, path, settings["opset"] or opset)
+        fused = optimize_onnx(path, path, model) if settings["optimize"] else None
+        graphs[variant] = path
+        name = f"student fp32 {variant} (onnxruntime)"
+        add(name, "student", OnnxModel(path, threads), n_params, path, size, variant=variant, fused=fused)
+        checks[name] = eager
+    for entry in int8:
+        mode, _, variant = entry.partition("@")
+        path = graphs[""].with_name(f"model.int8-{mode}{f'-{variant}' if variant else ''}.onnx")
+        print(f"compare: int8 ({entry}) -> {path}", flush=True)
+        calib = calibration_images(data, spec, calibration) if INT8_RECIPES[mode].mode == "static" else None
+        quant = quantize_int8(graphs[variant], path, mode, calib)
+        add(f"student int8 {entry} (onnxruntime)", "int8", OnnxModel(path, threads), n_params, path, size,
+            variant=variant or "plain", recipe=quant["recipe"])
     for i, teacher in enumerate(loaded):
         t_size = teacher.meta.get("input_size", size)
         path = out / "exports" / f"teacher{i}" / FP32_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"compare: exporting teacher {i} ({teacher.meta['arch']['name']}) -> {path}", flush=True)
+        arch = teacher.meta["arch"]["name"]
+        print(f"compare: exporting teacher {i} ({arch}) -> {path}", flush=True)
         export_onnx(teacher.model, t_size, path, opset)
         session = OnnxModel(path, threads)
-        teacher_onnx.append(session)
+        params = count_parameters(teacher.model)
 
-        def run_teacher(x: torch.Tensor, t=teacher, s=session, ts=t_size) -> torch.Tensor:
-            return s(t.prepare(x, spec["mean"], spec["std"], ts))
+        def prepared(run: Callable, t=teacher, ts=t_size) -> Callable:
+            return lambda x: run(t.prepare(x, spec["mean"], spec["std"], ts))
 
-        name = f"teacher {i}: {teacher.meta['arch']['name']} (onnxruntime)"
-        add(name, "teacher", run_teacher, count_parameters(teacher.model), path, t_size)
-        rows[-1]["direct"] = session  # latency is timed on the teacher's own input, without re-normalising
-    batches, classes = validation_batches(data, spec, batch_size, val_images)
+        weights = checkpoint_paths(teacher.path)[0]
+        add(f"teacher {i}: {arch} (PyTorch eager)", "teacher", prepared(teacher.model), params, weights, t_size,
+            teacher=i, direct=teacher.model)
+        add(f"teacher {i}: {arch} (onnxruntime)", "teacher", prepared(session), params, path, t_size, teacher=i, direct=session)
+        checks[f"teacher {i}: {arch} (onnxruntime)"] = f"teacher {i}: {arch} (PyTorch eager)"
     logits, labels = run_over(runners, batches, "scoring")
-    fp32 = logits["student fp32 (PyTorch eager)"]
+    for name, reference in checks.items():  # onnxruntime against PyTorch, as libkd export checks it
+        row = next(r for r in rows if r["model"] == name)
+        row["max_abs_logit_diff_vs_pytorch"] = check_against_pytorch(logits[name], logits[reference], name, opset)["max_abs_logit_diff"]
+    fp32_logits = logits[eager]
     for row in rows:
         row["top1"] = _top1(logits[row["model"]], labels)
-        row["agreement_with_student_fp32"] = top1_agreement(logits[row["model"]], fp32) if row["kind"] != "teacher" else None
+        row["agreement_with_student_fp32"] = top1_agreement(logits[row["model"]], fp32_logits) if row["kind"] != "teacher" else None
     print(f"compare: timing {len(rows)} models ({threads} thread(s), batch 1 median of {repeats}, batch 64)", flush=True)
-    for row in rows:
-        call = row.pop("direct", None) or runners[row["model"]]
-        row["latency_b1_ms"] = latency_ms(call, row["input_size"], 1, repeats)
-        row["throughput_b64"] = 64 * 1000.0 / latency_ms(call, row["input_size"], 64, max(5, repeats // 5), warmup=2)
-    teacher_rows = [r for r in rows if r["kind"] == "teacher"]
-    if len(teacher_rows) > 1:
-        probs = torch.stack([logits[r["model"]].softmax(-1) for r in teacher_rows]).mean(0)
-        rows.append({"model": f"teacher ensemble ({len(teacher_rows)}, mean probabilities)", "kind": "ensemble",
-                     "parameters": sum(r["parameters"] for r in teacher_rows),
-                     "file_mb": sum(r["file_mb"] for r in teacher_rows), "input_size": size,
+    with torch.inference_mode():
+        for row in rows:
+            call = row.pop("direct", None) or runners[row["model"]]  # a teacher is timed on its own input
+            row["latency_b1_ms"] = latency_ms(call, row["input_size"], 1, repeats)
+            row["throughput_b64"] = 64 * 1000.0 / latency_ms(call, row["input_size"], 64, max(5, repeats // 5), warmup=2)
+    best: dict[int, dict[str, Any]] = {}
+    for row in rows:  # each teacher at its faster runtime (batch-64 throughput)
+        if row["kind"] == "teacher" and (row["teacher"] not in best or row["throughput_b64"] > best[row["teacher"]]["throughput_b64"]):
+            best[row["teacher"]] = row
+    if len(best) > 1:
+        chosen = [best[i] for i in sorted(best)]
+        probs = torch.stack([logits[r["model"]].softmax(-1) for r in chosen]).mean(0)
+        rows.append({"model": f"teacher ensemble ({len(chosen)}, mean probabilities; each at its faster runtime)",
+                     "kind": "ensemble", "parameters": sum(r["parameters"] for r in chosen),
+                     "file_mb": sum(r["file_mb"] for r in chosen), "input_size": size, "members": [r["model"] for r in chosen],
                      "top1": _top1(probs, labels), "agreement_with_student_fp32": None,
-                     "latency_b1_ms": sum(r["latency_b1_ms"] for r in teacher_rows),
-                     "throughput_b64": 1.0 / sum(1.0 / r["throughput_b64"] for r in teacher_rows)})
+                     "latency_b1_ms": sum(r["latency_b1_ms"] for r in chosen),
+                     "throughput_b64": 1.0 / sum(1.0 / r["throughput_b64"] for r in chosen)})
     record = {"student": student, "teachers": teacher_paths, "images": len(labels), "threads": threads, "repeats": repeats,
               "machine": machine(), "rows": rows, "command": command or describe_command()}
     write_json_atomic(out / "compare.json", record)
     (out / "compare.md").write_text(compare_markdown(record))
     compare_plot(rows, out / "compare.png")
     return out / "compare.md"
-
 
 
 def compare_markdown(record: dict[str, Any]) -> str:
@@ -118,12 +161,25 @@ def compare_markdown(record: dict[str, Any]) -> str:
                      f"{r['throughput_b64']:.0f} img/s | {r['top1']:.2f} | {agree} |")
     rows = {r["kind"]: r for r in record["rows"]}
     by_name = {r["model"]: r for r in record["rows"]}
-    ort32 = by_name.get("student fp32 (onnxruntime)")
+    eager = by_name.get("student fp32 (PyTorch eager)")
+    ort = [r for r in record["rows"] if r["kind"] == "student" and r.get("variant")]
+    ort32 = max(ort, key=lambda r: r["throughput_b64"]) if ort else None  # the fastest onnxruntime fp32 graph
     int8 = [r for r in record["rows"] if r["kind"] == "int8"]
     lines += [""]
+    for r in ort:
+        if r.get("fused") is not None:
+            lines.append(f"- `{r['variant']}`: onnxruntime's transformer optimizer fused "
+                         + (", ".join(f"{k} x{v}" for k, v in r["fused"].items()) or "nothing")
+                         + ("; Attention did not fuse" if not r["fused"].get("Attention") else "") + ".")
+    for r in int8:
+        lines.append(f"- `{r['model']}`: {r.get('recipe', '')}.")
+    if eager and ort32:
+        lines += ["", f"Fastest onnxruntime fp32 ({ort32['model']}): {ort32['throughput_b64'] / eager['throughput_b64']:.2f}x "
+                      f"eager PyTorch's batch-64 throughput, {ort32['latency_b1_ms'] / eager['latency_b1_ms']:.2f}x its "
+                      "batch-1 latency."]
     if ort32 and int8:
         best = max(int8, key=lambda r: r["top1"])
-        lines.append(f"Best int8 ({best['model']}): {best['throughput_b64'] / ort32['throughput_b64']:.2f}x the onnxruntime fp32 "
+        lines.append(f"Most accurate int8 ({best['model']}): {best['throughput_b64'] / ort32['throughput_b64']:.2f}x that fp32 graph's "
                      f"throughput at batch 64, file {best['file_mb'] / ort32['file_mb']:.2f}x, top-1 "
                      f"{best['top1'] - ort32['top1']:+.2f} points.")
     against = rows.get("ensemble") or next((r for r in record["rows"] if r["kind"] == "teacher"), None)
@@ -134,7 +190,6 @@ def compare_markdown(record: dict[str, Any]) -> str:
                      f"{ort32['throughput_b64'] / against['throughput_b64']:.2f}x, top-1 {ort32['top1'] - against['top1']:+.2f} points.")
     lines += ["", f"Command: `{record['command']}`", ""]
     return "\n".join(lines)
-
 
 
 def compare_plot(rows: list[dict[str, Any]], path: Path) -> None:

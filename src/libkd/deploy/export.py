@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,9 +17,9 @@ from torch import nn
 from libkd.config import DataConfig
 from libkd.deploy.card import model_card
 from libkd.deploy.measure import _mb, _top1, latency_ms, machine, run_over, top1_agreement, validation_batches
-from libkd.deploy.quantize import calibration_images, quantize_int8
-from libkd.deploy.runtime import (CARD_FILE, EXPORT_FILE, FP32_FILE, INT8_FILE, PREPROCESS_FILE, ExportError, OnnxModel,
-                                  _require_onnx, pin_threads, preprocess_spec, restores_threads)
+from libkd.deploy.quantize import INT8_RECIPES, calibration_images, quantize_int8
+from libkd.deploy.runtime import (CARD_FILE, EXPORT_FILE, FP32_FILE, INT8_FILE, PREPROCESS_FILE, TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE,
+                                  ExportError, OnnxModel, _require_onnx, pin_threads, preprocess_spec, restores_threads)
 from libkd.fileio import write_json_atomic
 from libkd.models.checkpoint import checkpoint_data
 
@@ -25,7 +27,6 @@ DEFAULT_OPSET, MIN_OPSET = 18, 18
 # ONNX vs PyTorch: the largest |logit difference| allowed, relative to max(1, the largest |logit|).
 # fp32 kernels differ in summation order only, which costs ~1e-6 here; 1e-3 catches any real bug.
 TOLERANCE = 1e-3
-
 
 
 def export_onnx(model: nn.Module, input_size: int, path: Path, opset: int = DEFAULT_OPSET) -> None:
@@ -49,7 +50,6 @@ def export_onnx(model: nn.Module, input_size: int, path: Path, opset: int = DEFA
     os.replace(tmp, path)
 
 
-
 class _quiet:
     """Silence the exporter's progress lines on stdout (ours come from libkd)."""
 
@@ -61,12 +61,81 @@ class _quiet:
         sys.stdout = self._stdout
 
 
+def optimize_onnx(path: Path, out: Path, model: nn.Module) -> dict[str, int] | None:
+    """onnxruntime's transformer optimizer for a ViT student (LayerNorm, SkipLayerNorm, Gelu/BiasGelu and Attention
+    fusions where the exported pattern matches), written to ``out``; returns its fused-operator statistics (a zero
+    says that pattern did not fuse). None, and nothing written, for a model that is not a libkd ViT."""
+    if not hasattr(model, "blocks") or not hasattr(model, "embed_dim"):
+        return None
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet():
+        optimized = optimize_model(str(path), model_type="vit", num_heads=model.blocks[0].attn.num_heads,
+                                   hidden_size=model.embed_dim, opt_level=0)
+        stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+        tmp = out.with_name(out.name + ".tmp")
+        optimized.save_model_to_file(str(tmp))
+    os.replace(tmp, out)
+    return stats
+
+
+def check_classes(classes: list[str], spec: dict[str, Any], what: str) -> None:
+    """The validation split must list the model's classes in the model's order (a --set data.* can reorder them)."""
+    if classes != spec["classes"]:
+        raise ExportError(f"the validation split's classes ({', '.join(classes[:4])}, ...) are not {what}'s "
+                          f"({', '.join(spec['classes'][:4])}, ...) in the same order; point --set data.* at the data it was "
+                          "trained on")
+
+
+def check_against_pytorch(onnx_logits: torch.Tensor, reference: torch.Tensor, what: str, opset: int) -> dict[str, float]:
+    """The largest logit difference between onnxruntime and PyTorch on the same images, and their top-1 agreement;
+    a difference above TOLERANCE x max(1, the largest |logit|) is an error, not a warning."""
+    diff = (onnx_logits - reference).abs().max().item()
+    tolerance = TOLERANCE * max(1.0, reference.abs().max().item())
+    if diff > tolerance:
+        raise ExportError(f"onnxruntime's logits differ from PyTorch's by up to {diff:.3g} on {len(reference)} validation images "
+                          f"(tolerance {tolerance:.3g}); the export of {what} is wrong: report it with the model name and "
+                          f"opset {opset}")
+    return {"max_abs_logit_diff": diff, "tolerance": tolerance, "top1_agreement": top1_agreement(onnx_logits, reference)}
+
+
+def write_timm_layout(model: nn.Module, spec: dict[str, Any], folder: Path) -> bool:
+    """timm's / Hugging Face's layout (``config.json`` with ``model_args`` and a ``pretrained_cfg`` for this data,
+    ``model.safetensors``) written with timm's ``save_for_hf``, so ``timm.create_model("local-dir:FOLDER",
+    pretrained=True)`` rebuilds the model after ``import libkd`` and ``push_to_hf_hub`` can publish it. Only for
+    models timm can rebuild from their arguments alone (libkd's ViTs; a CNN whose stem was swapped is not)."""
+    if not getattr(model, "pretrained_cfg", None) or not hasattr(model, "forward_heads"):
+        return False
+    from timm.models import save_for_hf
+
+    size = spec["input_size"]
+    cfg = {"input_size": [3, size, size], "mean": list(spec["mean"]), "std": list(spec["std"]), "crop_pct": spec["crop_pct"],
+           "interpolation": "bilinear", "num_classes": len(spec["classes"]), "label_names": list(spec["classes"])}
+    save_for_hf(model, str(folder), model_config={"pretrained_cfg": cfg}, safe_serialization=True)
+    return True
+
+
+def timm_round_trip(folder: Path, reference_model: nn.Module, images: torch.Tensor) -> float:
+    """The largest logit difference between the model timm builds from ``folder`` and ``reference_model``."""
+    import timm
+
+    with torch.inference_mode():
+        rebuilt = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        return (rebuilt(images) - reference_model(images)).abs().max().item()
+
+
+PUBLISHED = (FP32_FILE, INT8_FILE, TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE, PREPROCESS_FILE, EXPORT_FILE, CARD_FILE)
+
 
 @restores_threads
 def export_checkpoint(checkpoint: str, out: str | Path | None = None, int8: str | None = None, opset: int = DEFAULT_OPSET,
                       calibration: int = 256, data: DataConfig | None = None, val_images: int | None = None,
-                      threads: int | None = None, batch_size: int = 256, command: str | None = None) -> dict[str, Any]:
-    """Export a student or teacher checkpoint into ``out`` (default: CHECKPOINT.export/), validated and described."""
+                      threads: int | None = None, batch_size: int = 256, command: str | None = None,
+                      optimize: bool = False) -> dict[str, Any]:
+    """Export a student or teacher checkpoint into ``out`` (default: CHECKPOINT.export/), validated and described.
+
+    Everything is written to a staging folder inside ``out`` first and moved into place only once onnxruntime
+    matched PyTorch: a failed export (or re-export) leaves the folder's previous export whole and in use."""
     from libkd.models import build_from_checkpoint, count_parameters
 
     threads = pin_threads(threads)
@@ -78,51 +147,60 @@ def export_checkpoint(checkpoint: str, out: str | Path | None = None, int8: str 
     folder.mkdir(parents=True, exist_ok=True)
     spec = preprocess_spec(meta)
     data = checkpoint_data(checkpoint, meta, data)
-    print(f"export: {meta['arch']['name']} ({count_parameters(model) / 1e6:.2f}M parameters) -> {folder / FP32_FILE}", flush=True)
-    export_onnx(model, spec["input_size"], folder / FP32_FILE, opset)
-    models: dict[str, Callable] = {"pytorch": model, "onnx": OnnxModel(folder / FP32_FILE, threads)}
-    quant: dict[str, Any] | None = None
-    if int8:
-        calib = calibration_images(data, spec, calibration) if int8 == "static" else None
-        print(f"export: int8 ({int8}) -> {folder / INT8_FILE}", flush=True)
-        quant = quantize_int8(folder / FP32_FILE, folder / INT8_FILE, int8, calib)
-        models["int8"] = OnnxModel(folder / INT8_FILE, threads)
-    elif (folder / INT8_FILE).exists():
-        (folder / INT8_FILE).unlink()  # an int8 file from an earlier export would describe other weights
     batches, classes = validation_batches(data, spec, batch_size, val_images)
-    if classes != spec["classes"]:
-        raise ExportError(f"the validation split's classes ({', '.join(classes[:4])}, ...) are not the checkpoint's "
-                          f"({', '.join(spec['classes'][:4])}, ...); point --set data.* at the data it was trained on")
-    logits, labels = run_over(models, batches, "validating")
-    ref = logits["pytorch"]
-    diff = (logits["onnx"] - ref).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    validation = {
-        "images": len(labels), "max_abs_logit_diff": diff, "tolerance": TOLERANCE * scale,
-        "top1_agreement_onnx_vs_pytorch": top1_agreement(logits["onnx"], ref),
-        "top1_pytorch": _top1(ref, labels), "top1_onnx": _top1(logits["onnx"], labels),
-    }
-    if quant:
-        validation.update({"top1_int8": _top1(logits["int8"], labels),
-                           "top1_agreement_int8_vs_fp32": top1_agreement(logits["int8"], logits["onnx"])})
-    if diff > TOLERANCE * scale:
-        raise ExportError(f"onnxruntime's logits differ from PyTorch's by up to {diff:.3g} on {len(labels)} validation images "
-                          f"(tolerance {TOLERANCE * scale:.3g}); the export is wrong: report it with the model name "
-                          f"'{meta['arch']['name']}' and opset {opset}")
-    files = {FP32_FILE: _mb(folder / FP32_FILE), **({INT8_FILE: _mb(folder / INT8_FILE)} if quant else {})}
-    latency = {name: latency_ms(m, spec["input_size"]) for name, m in models.items()}
-    record = {
-        "format": "libkd-export/1", "checkpoint": str(checkpoint), "weights_sha256": meta["weights_sha256"],
-        "arch": meta["arch"], "parameters": count_parameters(model), "opset": opset, "int8": quant, "files_mb": files,
-        "validation": validation, "latency_batch1_ms": latency, "threads": threads, "machine": machine(),
-        "command": command or f"libkd export {checkpoint}",
-    }
-    write_json_atomic(folder / PREPROCESS_FILE, {**spec, "head_mode": meta["arch"].get("kwargs", {}).get("head_mode"),
-                                                  "files": {"fp32": FP32_FILE, **({"int8": INT8_FILE} if quant else {})}})
-    write_json_atomic(folder / EXPORT_FILE, record)
-    (folder / CARD_FILE).write_text(model_card(checkpoint, meta, record, spec))
+    check_classes(classes, spec, f"checkpoint '{checkpoint}'")
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        print(f"export: {meta['arch']['name']} ({count_parameters(model) / 1e6:.2f}M parameters) -> {folder / FP32_FILE}",
+              flush=True)
+        export_onnx(model, spec["input_size"], staging / FP32_FILE, opset)
+        fused = optimize_onnx(staging / FP32_FILE, staging / FP32_FILE, model) if optimize else None
+        models: dict[str, Callable] = {"pytorch": model, "onnx": OnnxModel(staging / FP32_FILE, threads)}
+        quant: dict[str, Any] | None = None
+        if int8:
+            static = int8 in INT8_RECIPES and INT8_RECIPES[int8].mode == "static"
+            calib = calibration_images(data, spec, calibration) if static else None
+            print(f"export: int8 ({int8}) -> {folder / INT8_FILE}", flush=True)
+            quant = quantize_int8(staging / FP32_FILE, staging / INT8_FILE, int8, calib)
+            models["int8"] = OnnxModel(staging / INT8_FILE, threads)
+        logits, labels = run_over(models, batches, "validating")
+        ref = logits["pytorch"]
+        checked = check_against_pytorch(logits["onnx"], ref, f"'{meta['arch']['name']}'", opset)
+        validation = {
+            "images": len(labels), "max_abs_logit_diff": checked["max_abs_logit_diff"], "tolerance": checked["tolerance"],
+            "top1_agreement_onnx_vs_pytorch": checked["top1_agreement"],
+            "top1_pytorch": _top1(ref, labels), "top1_onnx": _top1(logits["onnx"], labels),
+        }
+        if quant:
+            validation.update({"top1_int8": _top1(logits["int8"], labels),
+                               "top1_agreement_int8_vs_fp32": top1_agreement(logits["int8"], logits["onnx"])})
+        if write_timm_layout(model, spec, staging):
+            probe = next(iter(batches))[0][:8]
+            validation["timm_local_dir_max_abs_logit_diff"] = diff = timm_round_trip(staging, model, probe)
+            if diff > checked["tolerance"]:
+                raise ExportError(f"timm rebuilds the exported model with logits {diff:.3g} away from PyTorch's; report it")
+        files = {name: _mb(staging / name) for name in (FP32_FILE, INT8_FILE, TIMM_WEIGHTS_FILE) if (staging / name).is_file()}
+        latency = {name: latency_ms(m, spec["input_size"]) for name, m in models.items()}
+        record = {
+            "format": "libkd-export/1", "checkpoint": str(checkpoint), "weights_sha256": meta["weights_sha256"],
+            "arch": meta["arch"], "parameters": count_parameters(model), "opset": opset, "optimized": fused, "int8": quant,
+            "files_mb": files, "validation": validation, "latency_batch1_ms": latency, "threads": threads,
+            "machine": machine(), "command": command or f"libkd export {checkpoint}",
+        }
+        timm_files = {"timm": TIMM_CONFIG_FILE} if (staging / TIMM_CONFIG_FILE).is_file() else {}
+        write_json_atomic(staging / PREPROCESS_FILE, {**spec, "head_mode": meta["arch"].get("kwargs", {}).get("head_mode"),
+                                                       "files": {"fp32": FP32_FILE, **({"int8": INT8_FILE} if quant else {}),
+                                                                 **timm_files}})
+        write_json_atomic(staging / EXPORT_FILE, record)
+        (staging / CARD_FILE).write_text(model_card(checkpoint, meta, record, spec))
+        for name in PUBLISHED:  # the models first, their description last; files this export lacks go
+            if (staging / name).is_file():
+                os.replace(staging / name, folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {**record, "folder": str(folder)}
-
 
 
 def describe_command(argv: list[str] | None = None) -> str:

@@ -18,7 +18,6 @@ from libkd.progress import progress_bar
 from libkd.deploy.runtime import available_cores
 
 
-
 def validation_batches(data: DataConfig, spec: dict[str, Any], batch_size: int, limit: int | None = None):
     """(images, labels) batches of the validation split (the first ``limit`` images when given) and the classes."""
     from libkd.evaluate import val_loader
@@ -29,15 +28,12 @@ def validation_batches(data: DataConfig, spec: dict[str, Any], batch_size: int, 
     return loader, val.classes
 
 
-
 def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return 100.0 * (a.argmax(-1) == b.argmax(-1)).float().mean().item()
 
 
-
 def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
-
 
 
 @torch.inference_mode()
@@ -51,7 +47,6 @@ def run_over(models: dict[str, Callable[[torch.Tensor], torch.Tensor]], batches:
             out[name].append(model(images).float())
         labels.append(y)
     return {name: torch.cat(v) for name, v in out.items()}, torch.cat(labels)
-
 
 
 @torch.inference_mode()
@@ -69,7 +64,6 @@ def latency_ms(model: Callable[[torch.Tensor], torch.Tensor], input_size: int, b
     return 1000.0 * statistics.median(times)
 
 
-
 def machine() -> dict[str, Any]:
     """The CPU and library versions a timing was measured with."""
     import onnxruntime as ort
@@ -81,7 +75,6 @@ def machine() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores_available": available_cores(),
             "torch": torch.__version__, "onnxruntime": ort.__version__, "libkd": __version__}
-
 
 
 def _mb(path: Path) -> float:

@@ -16,13 +16,12 @@ from libkd.fileio import read_json_with_format
 
 FP32_FILE, INT8_FILE, PREPROCESS_FILE, CARD_FILE, EXPORT_FILE = (
     "model.onnx", "model.int8.onnx", "preprocess.json", "MODEL_CARD.md", "export.json")
+TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE = "config.json", "model.safetensors"  # timm's / Hugging Face's layout
 PREPROCESS_FORMAT = "libkd-preprocess/1"
-
 
 
 class ExportError(LibkdError):
     """An export that cannot be made, or a model folder that cannot be used."""
-
 
 
 def _require_onnx() -> None:
@@ -35,7 +34,6 @@ def _require_onnx() -> None:
                           "(make venv installs it)")
 
 
-
 def pin_threads(threads: int | None) -> int:
     """Pin PyTorch's intra-op threads (default: the cores this process may use); returns the number."""
     n = threads if threads is not None else available_cores()
@@ -43,7 +41,6 @@ def pin_threads(threads: int | None) -> int:
         raise ExportError(f"--threads must be at least 1, got {n}")
     torch.set_num_threads(n)
     return n
-
 
 
 def restores_threads(fn):
@@ -59,10 +56,8 @@ def restores_threads(fn):
     return wrapper
 
 
-
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
 
 
 def ort_session(path: str | Path, threads: int):
@@ -81,7 +76,6 @@ def ort_session(path: str | Path, threads: int):
                           "re-export it with `libkd export`") from exc
 
 
-
 class OnnxModel:
     """An ONNX classifier behind the same call as a PyTorch model: float images (B, 3, H, W) -> logits."""
 
@@ -93,7 +87,6 @@ class OnnxModel:
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         array = images.numpy() if isinstance(images, torch.Tensor) else images
         return torch.from_numpy(self.session.run(None, {self.input_name: np.ascontiguousarray(array, np.float32)})[0])
-
 
 
 def preprocess_spec(meta: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +111,6 @@ def preprocess_spec(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-
 def read_preprocess(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / PREPROCESS_FILE
     if not path.is_file():
@@ -127,13 +119,11 @@ def read_preprocess(folder: str | Path) -> dict[str, Any]:
     return read_json_with_format(path, PREPROCESS_FORMAT, ExportError, "re-export the model with `libkd export`")
 
 
-
 def image_transform(spec: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (3, H, W) -> the model's normalised float input, exactly as ``evaluate`` prepares images."""
     from libkd.data.transforms import eval_transform
 
     return eval_transform(spec["input_size"], spec["crop_pct"], spec["mean"], spec["std"])
-
 
 
 def load_model_for_inference(path: str, threads: int | None = None, int8: bool = False

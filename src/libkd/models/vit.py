@@ -16,13 +16,13 @@ from functools import partial
 from typing import Literal, Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from libkd.models.involution import Involution
-from libkd.models.registry import model_kwargs
 
 __all__ = ["MultiTokenViT"]
 
@@ -149,52 +149,79 @@ class MultiTokenViT(nn.Module):
 _layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def _vit(preset: tuple[int, int, int, int, int], pretrained: bool, **kwargs) -> MultiTokenViT:
-    """``preset`` = (img_size, patch_size, embed_dim, depth, num_heads); ``kwargs`` override it."""
-    if pretrained:
-        raise ValueError("libkd students are trained from scratch; pretrained=True is not available for them")
-    kwargs = model_kwargs(kwargs)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def _cfg(size: int) -> dict:
+    """What a model of this layout expects by default (an export records its own data's instead)."""
+    small = size <= 64
+    return {"url": "", "num_classes": 1000, "input_size": (3, size, size), "pool_size": None,
+            "crop_pct": 1.0 if small else 0.875, "interpolation": "bilinear" if small else "bicubic",
+            "mean": CIFAR_MEAN if small else IMAGENET_DEFAULT_MEAN, "std": CIFAR_STD if small else IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0"}
+
+
+# timm's registry reads these when the entry points below are registered (it needs them defined first).
+default_cfgs = generate_default_cfgs({
+    "kdvit_tiny_patch16_224": _cfg(224), "kdvit_small_patch16_224": _cfg(224), "kdvit_base_patch16_224": _cfg(224),
+    "kdvit_tiny_patch4_32": _cfg(32), "kdvit_small_patch4_32": _cfg(32), "kdvit_mini_patch4_32": _cfg(32),
+    "kdvit_micro_patch4_32": _cfg(32),
+})
+
+
+def _has_weights_source(pretrained_cfg: object) -> bool:
+    """Whether timm was given weights to load: a folder (``local-dir:``, what ``libkd export`` writes) or a Hub id."""
+    get = pretrained_cfg.get if isinstance(pretrained_cfg, dict) else lambda k: getattr(pretrained_cfg, k, None)
+    return pretrained_cfg is not None and (get("source") in ("local-dir", "hf-hub") or bool(get("file")))
+
+
+def _vit(variant: str, preset: tuple[int, int, int, int, int], pretrained: bool, **kwargs) -> MultiTokenViT:
+    """``preset`` = (img_size, patch_size, embed_dim, depth, num_heads); ``kwargs`` override it. Built by timm's
+    ``build_model_with_cfg``, so the model carries a ``pretrained_cfg`` and loads from ``local-dir:`` / the Hub."""
+    if pretrained and not _has_weights_source(kwargs.get("pretrained_cfg")):
+        raise ValueError("libkd students are trained from scratch; pretrained=True needs weights to load: "
+                         "timm.create_model('local-dir:EXPORT_DIR', pretrained=True) for a student `libkd export` wrote")
     names = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
-    return MultiTokenViT(**{**dict(zip(names, preset)), **kwargs})
+    return build_model_with_cfg(MultiTokenViT, variant, pretrained, **{**dict(zip(names, preset)), **kwargs})
 
 
 @register_model
 def kdvit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MultiTokenViT:
     """DeiT-Ti layout: 192 wide, 12 deep, 3 heads."""
-    return _vit((224, 16, 192, 12, 3), pretrained, **kwargs)
+    return _vit("kdvit_tiny_patch16_224", (224, 16, 192, 12, 3), pretrained, **kwargs)
 
 
 @register_model
 def kdvit_small_patch16_224(pretrained: bool = False, **kwargs) -> MultiTokenViT:
     """DeiT-S layout: 384 wide, 12 deep, 6 heads."""
-    return _vit((224, 16, 384, 12, 6), pretrained, **kwargs)
+    return _vit("kdvit_small_patch16_224", (224, 16, 384, 12, 6), pretrained, **kwargs)
 
 
 @register_model
 def kdvit_base_patch16_224(pretrained: bool = False, **kwargs) -> MultiTokenViT:
     """DeiT-B layout: 768 wide, 12 deep, 12 heads."""
-    return _vit((224, 16, 768, 12, 12), pretrained, **kwargs)
+    return _vit("kdvit_base_patch16_224", (224, 16, 768, 12, 12), pretrained, **kwargs)
 
 
 @register_model
 def kdvit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> MultiTokenViT:
     """DeiT-Ti widths for 32 px inputs: patch 4 (64 patches)."""
-    return _vit((32, 4, 192, 12, 3), pretrained, **kwargs)
+    return _vit("kdvit_tiny_patch4_32", (32, 4, 192, 12, 3), pretrained, **kwargs)
 
 
 @register_model
 def kdvit_small_patch4_32(pretrained: bool = False, **kwargs) -> MultiTokenViT:
     """DeiT-S widths for 32 px inputs: patch 4 (64 patches)."""
-    return _vit((32, 4, 384, 12, 6), pretrained, **kwargs)
+    return _vit("kdvit_small_patch4_32", (32, 4, 384, 12, 6), pretrained, **kwargs)
 
 
 @register_model
 def kdvit_mini_patch4_32(pretrained: bool = False, **kwargs) -> MultiTokenViT:
     """CPU-sized student for 32 px: 192 wide, 6 deep, 3 heads."""
-    return _vit((32, 4, 192, 6, 3), pretrained, **kwargs)
+    return _vit("kdvit_mini_patch4_32", (32, 4, 192, 6, 3), pretrained, **kwargs)
 
 
 @register_model
 def kdvit_micro_patch4_32(pretrained: bool = False, **kwargs) -> MultiTokenViT:
     """A student as small as the CIFAR ResNet teacher (0.71M): 96 wide, 6 deep, 3 heads, patch 4, for 32 px."""
-    return _vit((32, 4, 96, 6, 3), pretrained, **kwargs)
+    return _vit("kdvit_micro_patch4_32", (32, 4, 96, 6, 3), pretrained, **kwargs)

@@ -140,6 +140,5 @@ def _short_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-
 def _log(message: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -341,7 +341,6 @@ def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str,
                              "the study's settings")
 
 
-
 def run_study(path: str | Path, overrides: list[str] | None = None) -> Path:
     """Run (or resume) the study in config ``path``; returns the report's path."""
     return Study(load_study(path, overrides)).run()

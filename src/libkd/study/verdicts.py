@@ -207,7 +207,6 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]],
     return lines + ["", f"Seed noise: {noise}. {NOISE_RULE}"]
 
 
-
 def gain_changes(study: Study, by_run: dict[str, list[dict[str, Any]]], parent: dict[str, list[dict[str, Any]]],
                  baseline: str) -> list[str]:
     """Whether each run's final gain over ``baseline`` grew or shrank against the study this one extends, judged by
