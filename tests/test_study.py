@@ -364,3 +364,23 @@ def test_a_study_that_extends_another_refuses_what_it_cannot_take(finished_study
     child.write_text(yaml.safe_dump(values))
     with pytest.raises(ConfigError, match=message):
         load_study(child)
+
+
+def test_the_committed_studys_store_folders_keep_their_names():
+    """A store's folder is keyed by its settings; settings that only say how it is built (grow_from, compile) stay out
+    of the key, so the committed runs' recorded store paths (checked when they are reused) keep matching."""
+    import yaml
+
+    from libkd.study.runner import _with
+
+    repo = Path(__file__).resolve().parents[1]
+    study = Study(load_study(repo / "configs/cifar10-10pct-study.yaml"))
+    chosen = json.loads((repo / "docs/results/cifar10-10pct/tuning.json").read_text())["chosen"]
+    base = _with(study.base, chosen)
+    recorded = yaml.safe_load((repo / "docs/results/cifar10-10pct/runs/both-s0/config.yaml").read_text())["distill"]["store"]
+    assert study.store_path(base, 0, False, build=False) == recorded
+    bigger = study.store_path(base, 0, False, build=False, views=60)
+    assert bigger != recorded and bigger.startswith(recorded.rsplit("-", 1)[0].rsplit("/", 1)[0])
+    built_otherwise = study.cfg.store.model_copy(update={"compile": True, "grow_from": "somewhere"})
+    study.cfg = study.cfg.model_copy(update={"store": built_otherwise})
+    assert study.store_path(base, 0, False, build=False) == recorded

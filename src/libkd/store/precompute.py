@@ -126,13 +126,16 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             "data_config": cfg.data.model_dump(mode="json"), "replay": cfg.replay.model_dump(mode="json"),
             "dataset_classes": dataset.classes, "teacher_checkpoints": [t.path for t in teachers],
             "teacher_kinds": [teacher_kind(t.model) for t in teachers], "record_bytes": dtype.itemsize,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "compiled": cfg.store.compile,
             "num_shards": num_shards,
             "grown_from": None if source is None else {"path": str(source.root), "views": source.views},
         })
     barrier()
 
     augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
+    if cfg.store.compile:
+        for teacher in teachers:
+            teacher.model = FixedBatch(torch.compile(teacher.model, dynamic=False), cfg.store.batch_size)
     mine = [s for s in range(rank, num_shards, world) if not done_file(root, s).is_file()]
     shard_size, views = cfg.store.shard_size, cfg.store.views
     bounds = {s: (s * shard_size, min(len(dataset), (s + 1) * shard_size)) for s in mine}
@@ -183,6 +186,21 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         _finish_manifest(root, num_shards)
     barrier()
     return {"images": images_done, "seconds": elapsed, "images_per_s": images_done / max(elapsed, 1e-9)}
+
+
+class FixedBatch(torch.nn.Module):
+    """Runs ``model`` on batches of exactly ``size`` images (a short last batch is padded, its padding dropped), so a
+    model compiled for one shape is never compiled again for the last batch."""
+
+    def __init__(self, model: torch.nn.Module, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n = len(images)
+        if n >= self.size:  # the loader's batches are never larger
+            return self.model(images)
+        return self.model(torch.cat([images, images.new_zeros(self.size - n, *images.shape[1:])]))[:n]
 
 
 def _growth_source(cfg: ExperimentConfig, identity: dict[str, Any], augment: ReplayAugment) -> LogitStore | None:

@@ -103,6 +103,8 @@ class StudyConfig(Section):
         return self
 
 
+# Store settings that change how a store is built, not what it holds: they never enter a store's key (its folder).
+HOW_BUILT = ("grow_from", "compile")
 INHERITED = ("base", "teachers", "store")  # what a study that extends another takes from it
 
 

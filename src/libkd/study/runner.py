@@ -13,7 +13,7 @@ from typing import Any
 
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, load_config
-from libkd.study.plan import RunSpec, StudyConfig, _log, _short_hash, _with, load_study
+from libkd.study.plan import HOW_BUILT, RunSpec, StudyConfig, _log, _short_hash, _with, load_study
 from libkd.study.search import search
 from libkd.study.summary import summary_markdown
 
@@ -158,7 +158,7 @@ class Study:
 
         settings = self.cfg.store.model_copy(update={"views": views}) if views and not naive else self.cfg.store
         key = {"data": base.data.model_dump(mode="json"), "replay": None if naive else base.replay.model_dump(mode="json"),
-               "store": settings.model_dump(mode="json", exclude={"path", "teachers", "grow_from"})}
+               "store": settings.model_dump(mode="json", exclude={"path", "teachers", *HOW_BUILT})}
         if naive:  # one clean view: no seed enters it, so every run shares one store
             seed = self.cfg.seeds[0]
         path = self.out / where / (f"naive-{_short_hash(key)}" if naive else f"seed{seed}-{_short_hash(key)}")
@@ -308,7 +308,7 @@ def _smaller_store(path: Path, cfg: ExperimentConfig) -> str | None:
     views below ``cfg.store.views``: a larger store grows from it instead of recomputing its views."""
     if (path / "manifest.json").is_file():
         return None  # started already: precompute resumes it as it was begun
-    same = {"exclude": {"path", "views", "grow_from", "teachers"}}
+    same = {"exclude": {"path", "views", "teachers", *HOW_BUILT}}
     best, best_views = None, 0
     for sibling in sorted(path.parent.glob("*/config.yaml")):
         manifest = sibling.parent / "manifest.json"

@@ -8,7 +8,7 @@ import json
 import shutil
 from typing import TYPE_CHECKING, Any
 
-from libkd.study.plan import TuneConfig, _log, _short_hash, _with
+from libkd.study.plan import HOW_BUILT, TuneConfig, _log, _short_hash, _with
 
 if TYPE_CHECKING:
     from libkd.study.runner import Study
@@ -52,7 +52,7 @@ def search(study: "Study") -> dict[str, Any]:
             out = study.out / "tune" / name
             cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", build=False)
             config_sha = _short_hash(cfg.model_dump(mode="json", exclude={"out": True, "distill": {"store": True, "teachers": True},
-                                                                           "store": {"grow_from"}}))
+                                                                           "store": set(HOW_BUILT)}))
             landed = done.get(name)
             if landed and landed["config_sha"] == config_sha and not (out / "student.safetensors").is_file():
                 _log(f"trial {name}: done, reusing it (from {trials_file}, committed by an earlier session)")
