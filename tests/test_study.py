@@ -384,3 +384,38 @@ def test_the_committed_studys_store_folders_keep_their_names():
     built_otherwise = study.cfg.store.model_copy(update={"compile": True, "grow_from": "somewhere"})
     study.cfg = study.cfg.model_copy(update={"store": built_otherwise})
     assert study.store_path(base, 0, False, build=False) == recorded
+
+
+def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views(finished_study, tmp_path, capsys):
+    """Function matching as a run's own settings (set:), its tau searched on the held-out split by the extending study's
+    own run-scoped stage, from a store of 3 views grown from the parent's 2-view store (its views copied)."""
+    parent_dir, parent = finished_study
+    child = tmp_path / "patient.yaml"
+    fm = {"distill.alpha": 1.0, "student.head_mode": "teachers", "replay.mixup_alpha": 1.0, "replay.cutmix_alpha": 0.0}
+    child.write_text(yaml.safe_dump({
+        "extends": str(parent), "out": str(tmp_path / "patient"), "results": str(tmp_path / "patient-results"),
+        "set": {"train.epochs": 3, "train.eval_every": 3}, "seeds": [0],
+        "runs": [{"name": "both-v3", "mode": "store", "teachers": ["conv", "inv"], "views": 3},
+                 {"name": "fm", "mode": "store", "teachers": ["conv", "inv"], "views": 3, "set": fm}],
+        "tune": {"holdout": 3, "epochs": 1,
+                 "stages": [{"run": "fm", "scope": "run", "grid": [[{"distill.tau": 1.0}, {"distill.tau": 2.0}]]}]}}))
+    assert main(["study", str(child)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "patient-results" / "tuning.json").read_text())
+    assert [t["overrides"] for t in record["stages"][0]["trials"]] == [{"distill.tau": 1.0}, {"distill.tau": 2.0}]
+    tau = max(record["stages"][0]["trials"], key=lambda t: t["holdout_top1"])["overrides"]["distill.tau"]
+    trial = load_config(tmp_path / "patient" / "tune" / record["stages"][0]["trials"][1]["trial"] / "config.yaml")
+    assert trial.distill.alpha == 1.0 and trial.distill.tau == 2.0 and trial.data.holdout == 3
+    assert trial.store.views == 1  # a 1-epoch trial reads view 0 only: a 1-view store gives the same targets
+    final = load_config(tmp_path / "patient" / "runs" / "fm-s0" / "config.yaml")
+    assert final.distill.alpha == 1.0 and final.distill.tau == tau and final.student.head_mode == "teachers"
+    assert final.replay.mixup_alpha == 1.0 and final.train.epochs == 3 and final.store.views == 3
+    both = load_config(tmp_path / "patient" / "runs" / "both-v3-s0" / "config.yaml")
+    assert both.distill.alpha != 1.0 and both.store.views == 3
+    # both-v3's store has the parent's recipe and 3 views: grown from the parent's 2-view store of seed 0.
+    manifest = json.loads((Path(both.distill.store) / "manifest.json").read_text())
+    assert manifest["views"] == 3 and manifest["grown_from"]["views"] == 2
+    assert Path(manifest["grown_from"]["path"]).parent == parent_dir / "study" / "stores" and "grown from" in out
+    views = [json.loads(x)["view"] for x in (tmp_path / "patient" / "runs" / "both-v3-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert views == [0, 1, 2]  # a new stored view every epoch
+    assert "Settings search" in (tmp_path / "patient-results" / "study.md").read_text()

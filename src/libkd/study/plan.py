@@ -82,7 +82,8 @@ class StudyConfig(Section):
     runs: list[RunSpec] = []
     tune: TuneConfig | None = None
     # Another study config whose teachers (committed weights included), stores and searched settings this one reuses,
-    # with ``set`` applied on top (e.g. a longer schedule): its own base, teachers, store and tune are not given.
+    # with ``set`` applied on top (e.g. a longer schedule): its own base, teachers and store are not given, and its
+    # tune may only add run-scoped stages for its own runs (on the parent's held-out split).
     extends: str | None = None
     set: dict[str, Any] = {}
 
@@ -115,7 +116,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
                           "(put the settings in base: instead)")
     if not cfg.extends:
         return cfg
-    own = [key for key in (*INHERITED, "tune") if key in cfg.model_fields_set]
+    own = [key for key in INHERITED if key in cfg.model_fields_set]
     if own:
         raise ConfigError(f"'{path}' extends '{cfg.extends}' and also gives {', '.join(own)}: a study that extends another "
                           "takes its base, teachers, store and searched settings; change those there, or use set: for "
@@ -123,6 +124,17 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
     parent = load_study(cfg.extends)
     if parent.extends:
         raise ConfigError(f"'{path}' extends '{cfg.extends}', which extends another study; extend that one directly")
+    if cfg.tune is not None:  # its own runs' searches, on the parent's held-out split and trial length
+        shared = [k for k in ("holdout", "epochs") if k in cfg.tune.model_fields_set and parent.tune is not None
+                  and getattr(cfg.tune, k) != getattr(parent.tune, k)]
+        wide = [s.run for s in cfg.tune.stages if s.scope != "run"]
+        if shared or wide:
+            raise ConfigError(f"'{path}' extends '{cfg.extends}': its tune: may only add stages with scope: run for its own "
+                              "runs, on the held-out split and trial length of the study it extends (every other setting "
+                              f"comes from that study's search){'; drop ' + ', '.join(shared) if shared else ''}"
+                              f"{'; stages without scope: run: ' + ', '.join(wide) if wide else ''}")
+        if parent.tune is not None:
+            cfg.tune = cfg.tune.model_copy(update={"holdout": parent.tune.holdout, "epochs": parent.tune.epochs})
     values = {**parent.model_dump(mode="json", include=set(INHERITED), exclude_unset=True),
               **cfg.model_dump(mode="json", exclude_unset=True)}  # unset stays unset (store mode checks what is set)
     merged = validate_config(values, StudyConfig, f" in '{path}' (with the base, teachers and store of '{cfg.extends}')")

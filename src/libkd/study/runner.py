@@ -37,6 +37,7 @@ class Study:
         self.results = Path(cfg.results) if cfg.results else None
         self.final_base: ExperimentConfig | None = None  # the base with the search's choices, once known
         self.chosen_by_run: dict[str, dict[str, Any]] = {}  # choices of the run-scoped stages, per run
+        self.own_search: dict[str, dict[str, Any]] = {}  # a study that extends another: its own stages' choices
         self.parent = Study(load_study(cfg.extends)) if cfg.extends else None  # whose teachers, stores and search
 
     @contextmanager
@@ -182,15 +183,16 @@ class Study:
     # ------------------------------------------------------------------ runs
 
     def run_config(self, spec: RunSpec, seed: int, base: ExperimentConfig, out: Path, stores: str = "stores",
-                   build: bool = True) -> ExperimentConfig:
+                   build: bool = True, views: int | None = None) -> ExperimentConfig:
         teachers = [self.teacher_path(t) for t in spec.teachers]
         distill = base.distill.model_copy(update={"mode": spec.mode, "teachers": teachers, "combine": spec.combine,
                                                   "naive_store": spec.naive_store, "store": None})
+        views = views or spec.views  # a search trial may ask for fewer: as many as it has epochs
         if spec.mode == "store":
-            distill.store = self.store_path(base, seed, spec.naive_store, stores, build, spec.views)
+            distill.store = self.store_path(base, seed, spec.naive_store, stores, build, views)
         # Runs without a store replay the store's number of views, so every mode sees the same stream, unless they
         # ask for a fresh view every epoch.
-        views = base.train.epochs if spec.fresh_views else spec.views or self.cfg.store.views
+        views = base.train.epochs if spec.fresh_views else views or self.cfg.store.views
         store = base.store.model_copy(update={"views": views})
         return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill, "store": store})
 
@@ -213,8 +215,9 @@ class Study:
     def base_for(self, spec: RunSpec) -> ExperimentConfig:
         """The base a run trains from: the study's base with the search's global choices and the run's own."""
         assert self.final_base is not None, "the settings search runs first"
-        # set: (a study that extends another) wins over the search, and the run's own set: over both
-        own = {**self.chosen_by_run.get(spec.name, {}), **self.cfg.set, **spec.set}
+        # set: (a study that extends another) wins over the search it inherits, the run's own set: over both, and the
+        # study's own search for this run over all (it searched what set: leaves open)
+        own = {**self.chosen_by_run.get(spec.name, {}), **self.cfg.set, **spec.set, **self.own_search.get(spec.name, {})}
         return _with(self.final_base, own) if own else self.final_base
 
     def tune(self) -> dict[str, Any]:

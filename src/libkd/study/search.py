@@ -22,21 +22,29 @@ def search(study: "Study") -> dict[str, Any]:
         chosen = study.parent.tune()
         study.chosen_by_run = study.parent.chosen_by_run
         study.parent.final_base = _with(study.parent.base, chosen)
+        if study.cfg.tune is not None and study.cfg.tune.stages:  # its own runs' searches, on top of all that
+            _search_stages(study, study.cfg.tune, {**chosen, **study.cfg.set}, study.own_search)
         return {**chosen, **study.cfg.set}
-    tune = study.cfg.tune
-    chosen: dict[str, Any] = {}
-    by_run: dict[str, dict[str, Any]] = {}
-    record: list[dict[str, Any]] = []
-    if tune is None or not tune.stages:
-        return chosen
+    if study.cfg.tune is None or not study.cfg.tune.stages:
+        return {}
+    return _search_stages(study, study.cfg.tune, {}, study.chosen_by_run)
+
+
+def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], into: dict[str, dict[str, Any]]
+                   ) -> dict[str, Any]:
+    """Run (or reuse) every stage of ``tune`` from the settings ``chosen`` so far; returns the global choices and puts
+    the run-scoped ones ``into`` the given dict (a study's ``chosen_by_run``, or its ``own_search`` when it extends
+    another)."""
+    chosen, record, by_run = dict(chosen), [], {}
     landed = study.results / "tuning.json" if study.results else None
     if not (study.out / "tune" / "tuning.json").is_file() and landed and landed.is_file():
         record = json.loads(landed.read_text())
         if _same_search(record, tune):
             _log(f"settings search: reusing {landed} (committed by an earlier session): {record['chosen']}")
-            study.chosen_by_run = record.get("chosen_by_run", {})
+            into.update(record.get("chosen_by_run", {}))
             return record["chosen"]
         _log(f"settings search: {landed} searched another grid; searching again")
+        record = []
     # Trials an earlier session finished (the search takes hours here): each reused when its whole config matches.
     trials_file = study.results / "tune-trials.json" if study.results else None
     done = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
@@ -45,12 +53,14 @@ def search(study: "Study") -> dict[str, Any]:
         trials = []
         for choice in itertools.product(*stage.grid):
             overrides = {k: v for part in choice for k, v in part.items()}
-            trial_base = _with(study.base, {**chosen, **by_run.get(stage.run, {}), **overrides, "data.holdout": tune.holdout,
-                                           **({"train.epochs": tune.epochs} if tune.epochs else {})})
+            trial_base = _with(study.base, {**chosen, **by_run.get(stage.run, {}), **spec.set, **overrides,
+                                           "data.holdout": tune.holdout, **({"train.epochs": tune.epochs} if tune.epochs else {})})
             name = f"stage{s}-{stage.run}-{_short_hash(overrides)}"
             _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
             out = study.out / "tune" / name
-            cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", build=False)
+            # A trial of E epochs reads views 0..E-1 only: a store of that many views gives the very same targets.
+            views = min(spec.views, trial_base.train.epochs) if spec.views else None
+            cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", build=False, views=views)
             config_sha = _short_hash(cfg.model_dump(mode="json", exclude={"out": True, "distill": {"store": True, "teachers": True},
                                                                            "store": set(HOW_BUILT)}))
             landed = done.get(name)
@@ -58,7 +68,7 @@ def search(study: "Study") -> dict[str, Any]:
                 _log(f"trial {name}: done, reusing it (from {trials_file}, committed by an earlier session)")
                 trials.append({k: landed[k] for k in ("trial", "overrides", "holdout_top1")})
                 continue
-            cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores")
+            cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", views=views)
             with study.timed(f"tune {name}"):
                 metrics = study.distill_and_evaluate(cfg, evaluate=False)
             trials.append({"trial": name, "overrides": overrides, "holdout_top1": metrics["val_top1"]})
@@ -79,7 +89,7 @@ def search(study: "Study") -> dict[str, Any]:
     if study.results:  # landed at once, not with the first run (which may be a session away)
         study.results.mkdir(parents=True, exist_ok=True)
         shutil.copy2(study.out / "tune" / "tuning.json", study.results / "tuning.json")
-    study.chosen_by_run = by_run
+    into.update(by_run)
     return chosen
 
 
