@@ -11,6 +11,7 @@
     .venv/bin/python benchmarks/bench_store.py \
         --teachers runs/cifar10-resnet-teacher/teacher runs/cifar10-rednet-teacher/teacher
     .venv/bin/python benchmarks/bench_store.py --codec-only   # part 3 alone: no teachers, no timing
+    .venv/bin/python benchmarks/bench_store.py --compile --teachers ...   # eager vs compiled teachers (store.compile)
 """
 
 from __future__ import annotations
@@ -31,21 +32,48 @@ from libkd.store.precompute import load_teachers, precompute, view_spec
 from libkd.data import build_dataset
 
 
-def raw_inference(cfg, images: int) -> float:
-    """Teachers' images/s on pre-made normalised tensors, same batch size, no data pipeline."""
+def raw_inference(cfg, images: int, per_teacher: bool = False) -> float | dict[str, float]:
+    """Teachers' images/s on pre-made normalised tensors, same batch size, no data pipeline (compiled as
+    ``cfg.store.compile`` says, at the one batch shape precompute uses); with ``per_teacher``, each teacher's alone."""
+    from libkd.store.precompute import FixedBatch
+
     dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
     size, mean, std = view_spec(cfg.data, dataset)
     teachers = load_teachers(cfg.store.teachers, dataset.classes, torch.device("cpu"))
+    if cfg.store.compile:
+        for t in teachers:
+            t.model = FixedBatch(torch.compile(t.model, dynamic=False), cfg.store.batch_size)
     batch = torch.randn(cfg.store.batch_size, 3, size, size)
-    with torch.inference_mode():
-        for t in teachers:  # warm-up
-            t.model(t.prepare(batch, mean, std, size))
-        start, done = time.perf_counter(), 0
-        while done < images:
-            for t in teachers:
+
+    def rate(group) -> float:
+        with torch.inference_mode():
+            for t in group:  # warm-up (and compilation)
                 t.model(t.prepare(batch, mean, std, size))
-            done += len(batch)
-    return done / (time.perf_counter() - start)
+            start, done = time.perf_counter(), 0
+            while done < images:
+                for t in group:
+                    t.model(t.prepare(batch, mean, std, size))
+                done += len(batch)
+        return done / (time.perf_counter() - start)
+
+    if per_teacher:
+        return {t.meta["arch"]["name"]: rate([t]) for t in teachers}
+    return rate(teachers)
+
+
+def compile_comparison(cfg, images: int) -> dict:
+    """Eager against compiled teachers, side by side: each teacher's raw inference, then a whole precompute run."""
+    out = {}
+    for compiled in (False, True):
+        run = cfg.model_copy(update={"store": cfg.store.model_copy(update={"compile": compiled,
+                                                                            "path": f"{cfg.store.path}-{int(compiled)}"})})
+        key = "compiled" if compiled else "eager"
+        out[f"raw_{key}"] = raw_inference(run, images, per_teacher=True)
+        start = time.perf_counter()
+        stats = precompute(run)
+        out[f"precompute_{key}_img_s"] = stats["images_per_s"]
+        out[f"precompute_{key}_wall_s"] = time.perf_counter() - start  # compilation included
+    return out
 
 
 def student_step_seconds(num_teachers: int, batch: int, reps: int = 5) -> float:
@@ -126,6 +154,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048, help="training images the precompute run covers")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--store", help="an existing full store to time batch reads on (default: the one built here)")
+    parser.add_argument("--compile", action="store_true",
+                        help="eager against compiled teachers (store.compile), raw inference per teacher and a precompute run")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -143,6 +173,18 @@ def main() -> None:
             f"store.path={tmp}/store", f"store.teachers=[{', '.join(args.teachers)}]", "store.views=1",
             f"store.workers={args.workers}", "store.batch_size=256", "store.shard_size=4096",
         ])
+        if args.compile:
+            result = compile_comparison(cfg, args.images)
+            for key in ("eager", "compiled"):
+                print(f"{key:8s} raw inference per teacher: " + ", ".join(f"{n} {v:.0f} img/s" for n, v in result[f"raw_{key}"].items())
+                      + f"; precompute {result[f'precompute_{key}_img_s']:.0f} views/s ({result[f'precompute_{key}_wall_s']:.0f} s "
+                      f"for {args.images} views, compilation included)")
+            for name in result["raw_eager"]:
+                print(f"compiled / eager, {name}: {result['raw_compiled'][name] / result['raw_eager'][name]:.2f}x")
+            print(f"compiled / eager, precompute: {result['precompute_compiled_img_s'] / result['precompute_eager_img_s']:.2f}x")
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+            return
         raw = raw_inference(cfg, args.images)
         stats = precompute(cfg)
         raw_after = raw_inference(cfg, args.images)  # bracket the precompute run: the machine is noisy
