@@ -199,8 +199,9 @@ def test_report_from_two_runs_has_its_table_and_plots(tmp_path, teachers, stores
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| none | none |" in text and "| store | store | resnet18, rednet26_cifar | per-token |" in text
     assert "only teacher 0 right" in text and "accuracy_per_epoch.png" in text
-    for png in ("accuracy_per_epoch.png", "accuracy_vs_time.png"):
+    for png in ("accuracy_per_epoch.png", "accuracy_vs_time.png", "agreement_per_epoch.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "agreement_per_epoch.png" in text  # the store run's tokens against their teachers, epoch by epoch
 
 
 def test_report_plots_the_seeds_of_a_run_in_one_colour_and_other_runs_in_others():

@@ -168,3 +168,11 @@ def test_the_report_completes_an_old_evaluation_record_into_the_same_split():
     parts = full_partition(old)
     assert sum(parts[k] for k in PARTS) == pytest.approx(100.0)
     assert parts["both_right"] == pytest.approx(53.1) and parts["neither_right"] == pytest.approx(23.7)
+
+
+def test_the_table_along_training_says_how_much_of_the_gap_to_each_teacher_each_run_closes():
+    runs = [{"name": "none", "mode": "none"}, {"name": "both", "mode": "store", "teachers": ["conv", "inv"]}]
+    by_run = {"none": curved({60: 40.0}), "both": curved({60: 62.0}, teachers={"conv": 70.0, "inv": 60.0})}
+    text = "\n".join(training_table(study(runs), by_run))
+    assert "| run | top-1 | gap to conv (70.00) closed | gap to inv (60.00) closed | passes |" in text
+    assert "| both | 62.00 | 73 % | 110 % | inv |" in text and "| none | 40.00 | 0 % | 0 % | none |" in text

@@ -184,6 +184,23 @@ def plot(runs: list[dict[str, Any]], out: Path) -> list[str]:
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         files.append(name)
+    agreeing = [r for r in runs if any(e.get("val_token_agreement") for e in r["history"])]
+    if agreeing:  # does the student learn its teachers' function beyond the views it was trained on?
+        fig, ax = plt.subplots(figsize=(8.0, 4.2))
+        for r in agreeing:
+            colour, style, _ = styles[r["name"]]
+            scored = [e for e in r["history"] if e.get("val_token_agreement")]
+            for t, marker in zip(range(len(scored[0]["val_token_agreement"])), ("o", "^", "s", "D")):
+                ax.plot([e["epoch"] for e in scored], [e["val_token_agreement"][t] for e in scored], marker=marker,
+                        markersize=3, color=colour, linestyle=style, label=f"{r['name']}: token {t + 1}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("token's agreement with its teacher (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        fig.savefig(out / "agreement_per_epoch.png", dpi=120)
+        plt.close(fig)
+        files.append("agreement_per_epoch.png")
     return files
 
 

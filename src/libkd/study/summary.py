@@ -122,6 +122,17 @@ def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
         for r in rows:
             for t, top1 in r["teachers"].items():
                 teachers.setdefault(t, top1)
+    if teachers and baseline:  # how much of the gap between the student alone and each teacher each run closes
+        floor = statistics.mean(r["top1"] for r in by_run[baseline])
+        lines += ["", f"Share of the gap between `{baseline}` ({floor:.2f}) and each teacher that each run closes "
+                      "(100 % reaches the teacher; over 100 % passes it):", "",
+                  "| run | top-1 | " + " | ".join(f"gap to {t} ({v:.2f}) closed" for t, v in teachers.items()) + " | passes |",
+                  "|---|---|" + "---|" * (len(teachers) + 1)]
+        for name in names:
+            final = statistics.mean(r["top1"] for r in by_run[name])
+            shares = " | ".join(f"{100 * (final - floor) / (v - floor):.0f} %" if v != floor else "—" for v in teachers.values())
+            passed = ", ".join(t for t, v in teachers.items() if final > v) or "none"
+            lines.append(f"| {name} | {final:.2f} | {shares} | {passed} |")
     if teachers:
         best = max(names, key=lambda n: statistics.mean(r["top1"] for r in by_run[n]))
         final = statistics.mean(r["top1"] for r in by_run[best])
