@@ -504,6 +504,17 @@ def test_a_store_grows_to_more_views_computing_only_the_new_ones_with_the_bytes_
     assert manifest["views"] == 5 and manifest["grown_from"] == {"path": str(tmp_path / "small"), "views": 2}
     assert manifest["replay_probe"] == json.loads((tmp_path / "fresh" / "manifest.json").read_text())["replay_probe"]
     assert verify_store(tmp_path / "grown", samples=8)["max_abs_diff"] < 1e-2
+    # A growth killed before its last shard resumes from the same source with the same command (no grow_from needed
+    # then): it computes only that shard's new views and ends with the same bytes.
+    (tmp_path / "grown" / "shards" / "00002.done.json").unlink()
+    (tmp_path / "grown" / "shards" / "t0-00002.npy").unlink()
+    manifest["complete"] = False
+    (tmp_path / "grown" / "manifest.json").write_text(json.dumps(manifest))
+    seen.clear()
+    precompute(config(tmp_path, teachers, "store.views=5", name="grown"))
+    assert sum(seen) == 8 * 3  # the last shard's 8 samples x the 3 new views
+    assert {k: v for k, v in store_bytes(tmp_path / "grown").items() if k.endswith(".npy")} == \
+        {k: v for k, v in fresh.items() if k.endswith(".npy")}
 
 
 def test_growing_from_a_store_of_another_recipe_or_as_many_views_is_refused_by_name(tmp_path, teachers):
