@@ -339,5 +339,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
     from libkd.deploy import compare
 
     data = _data_override(args)
-    print(f"compare: {compare(args.student, args.teachers, args.to, args.threads, args.repeats, args.val_images, tuple(args.int8), args.calibration, data=data, fp32=tuple(args.fp32))}")
+    report = compare(args.student, args.teachers, args.to, args.threads, args.repeats, args.val_images, tuple(args.int8),
+                     args.calibration, data=data, fp32=tuple(args.fp32))
+    print(f"compare: {report}")
     return 0

@@ -48,7 +48,8 @@ def model_card(checkpoint: str, meta: dict[str, Any], record: dict[str, Any], sp
     arch, v = meta["arch"], record["validation"]
     distill = meta.get("distill") or {}
     data = meta.get("data_config") or {}
-    lines = [front_matter(meta, record, spec), f"# {arch['name']} ({'student' if 'distill' in meta else 'teacher'}), exported by libkd {__version__}", "",
+    role = "student" if "distill" in meta else "teacher"
+    lines = [front_matter(meta, record, spec), f"# {arch['name']} ({role}), exported by libkd {__version__}", "",
              "An image classifier exported from a libkd checkpoint. `model.onnx` takes float images (batch, 3, "
              f"{spec['input_size']}, {spec['input_size']}) named `image` and returns `logits` (batch, {arch['num_classes']}); "
              "`preprocess.json` says how to make the input. `libkd predict` does it for you:", "",
