@@ -107,7 +107,7 @@ def test_static_int8_calibrates_and_keeps_top1(trained, tmp_path):
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "s" / "model.int8.onnx")).graph.node}
-    assert "QuantizeLinear" in ops and "LayerNormalization" in ops and "Softmax" in ops
+    assert "QuantizeLinear" in ops and "LayerNormalization" in ops and {"Softmax", "Attention"} & ops  # attention stays fp32
 
 
 def test_teachers_export_the_same_way(trained, tmp_path):
@@ -382,3 +382,15 @@ def test_the_model_card_carries_hugging_face_metadata(exported):
     assert [m["value"] for m in metrics] == [round(v["top1_onnx"], 2), round(v["top1_int8"], 2)]
     assert meta["base_teachers"][0]["name"] == "resnet18" and meta["base_teachers"][0]["kind"] == "conv"
     assert "# kdvit_mini_patch4_32 (student)" in card
+
+
+def test_a_limited_validation_sample_spreads_over_every_class(image_folder):
+    """An ImageFolder split is sorted by class: --val-images N must not mean its first N images."""
+    from libkd.deploy import validation_batches
+
+    root = image_folder(counts=(4, 4, 4))
+    data = DataConfig(source="imagefolder", root=str(root), train_split="", val_split="")
+    spec = {"input_size": 8, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.25] * 3}
+    loader, classes = validation_batches(data, spec, 2, limit=6)
+    labels = torch.cat([y for _, y in loader]).tolist()
+    assert len(labels) == 6 and sorted(set(labels)) == [0, 1, 2] and classes == ["class0", "class1", "class2"]

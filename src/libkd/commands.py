@@ -256,7 +256,7 @@ def store_verify(args: argparse.Namespace) -> int:
                arg("--optimize", action="store_true", help="run onnxruntime's transformer optimizer on a ViT student "
                    "(fused LayerNorm/SkipLayerNorm, Gelu, Attention where the pattern matches; statistics in export.json)"),
                arg("--calibration", type=int, default=256, metavar="N", help="training images for static int8 (default 256)"),
-               arg("--val-images", type=int, metavar="N", help="validate on the first N validation images (default all)"),
+               arg("--val-images", type=int, metavar="N", help="validate on N validation images evenly spread over the split (default all)"),
                arg("--threads", type=int, help="CPU threads for onnxruntime and PyTorch (default: all available)")],
 )
 def export_cmd(args: argparse.Namespace) -> int:
@@ -326,7 +326,7 @@ def predict_cmd(args: argparse.Namespace) -> int:
                arg("--to", default="runs/compare", help="output folder (default runs/compare)"),
                arg("--threads", type=int, help="CPU threads, pinned for every model (default: all available)"),
                arg("--repeats", type=int, default=50, help="batch-1 calls timed per model (median; default 50)"),
-               arg("--val-images", type=int, metavar="N", help="score the first N validation images (default all)"),
+               arg("--val-images", type=int, metavar="N", help="score N validation images evenly spread over the split (default all)"),
                arg("--int8", nargs="*", default=["dynamic", "static"], metavar="RECIPE",
                    help="int8 recipes to build (default dynamic and static; none: --int8 with no value); NAME@VARIANT "
                         "quantises that --fp32 variant's graph (after fusion)"),

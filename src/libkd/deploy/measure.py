@@ -19,12 +19,16 @@ from libkd.deploy.runtime import available_cores
 
 
 def validation_batches(data: DataConfig, spec: dict[str, Any], batch_size: int, limit: int | None = None):
-    """(images, labels) batches of the validation split (the first ``limit`` images when given) and the classes."""
+    """(images, labels) batches of the validation split and the classes; with ``limit``, that many images evenly spread
+    over the split (an ImageFolder split is sorted by class: its first N images would be a class or two)."""
+    import numpy as np
+
     from libkd.evaluate import val_loader
 
     loader, val = val_loader(data, spec, batch_size)
     if limit and limit < len(val):
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(loader.dataset, range(limit)), batch_size=batch_size)
+        picks = np.unique(np.linspace(0, len(val) - 1, limit).round().astype(int)).tolist()
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(loader.dataset, picks), batch_size=batch_size)
     return loader, val.classes
 
 

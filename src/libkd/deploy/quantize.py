@@ -106,8 +106,8 @@ def quantize_int8(fp32: Path, out: Path, mode: str, calibration: np.ndarray | No
             ops = STATIC_OPS
         os.replace(target, out)
     return {"mode": mode, "recipe": recipe.describe(), "quantized_ops": list(ops),
-            "kept_fp32": f"every other node (LayerNorm, Softmax, GELU, Add, ...) and the {len(keep)} attention MatMuls "
-                         "between two activations (q.k and attention.v)",
+            "kept_fp32": "every other node (LayerNorm, Softmax, GELU, Add, ...) and attention: its Attention nodes (opset "
+                         f"23 and later) or the {len(keep)} MatMuls between two activations (q.k and attention.v)",
             "calibration_images": int(len(calibration)) if recipe.mode == "static" and calibration is not None else 0}
 
 
