@@ -116,9 +116,10 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             if rank == 0:
                 print(f"store '{root}' is already complete ({len(existing['shards'])} shards)")
             return {"skipped": True}
-    if not cfg.store.grow_from and manifest_path.is_file() and (read_manifest(root).get("grown_from") or {}).get("path"):
+    interrupted = (existing.get("grown_from") or {}).get("path") if manifest_path.is_file() else None
+    if not cfg.store.grow_from and interrupted:
         # a growth that was interrupted: resume it from the same source, copying instead of recomputing its views
-        cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"grow_from": read_manifest(root)["grown_from"]["path"]})})
+        cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"grow_from": interrupted})})
     source = _growth_source(cfg, identity, ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct))
     barrier()
     if rank == 0:
