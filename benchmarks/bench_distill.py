@@ -11,11 +11,16 @@ AdamW); the data pipeline is left out (it is the same in every mode). Modes:
 - ``store``: two tokens, targets read from a store (one vectorised gather per teacher);
 - ``online``: two tokens, both teachers run on the batch every step.
 
+``--speedups`` times the ``store`` step four ways instead (fp32 and bf16 autocast, eager and
+``torch.compile``d: ``train.amp`` and ``train.compile`` of ``libkd distill``) for ``--student``,
+and prints each against fp32 eager.
+
 Peak memory is the peak RSS above the inputs in a fresh process per mode (CPU) or
 ``max_memory_allocated`` (CUDA). ``--quick`` uses untrained small teachers (throughput does not
 depend on their weights) and prints as its last line ``store/none R1x  online/none R2x``.
 
     .venv/bin/python benchmarks/bench_distill.py --quick
+    .venv/bin/python benchmarks/bench_distill.py --speedups --student kdvit_micro_patch4_32
     .venv/bin/python benchmarks/bench_distill.py --teachers runs/cifar10-resnet-teacher/teacher runs/cifar10-rednet-teacher/teacher
 """
 
@@ -37,6 +42,8 @@ from bench_involution import _status_bytes  # the same peak-RSS reader
 from libkd.config import ReplayConfig, load_config
 from libkd.data import build_dataset
 from libkd.data.replay import ReplayAugment
+from libkd.distill import HeadsOf
+from libkd.engine import autocast
 from libkd.losses import DistillationLoss
 from libkd.models import create_model, save_checkpoint
 from libkd.store import LogitStore
@@ -83,10 +90,12 @@ def setup(args, workdir: Path):
 
 
 def make_step(mode: str, classes: int, teachers: list[str], store_path: Path, mean, std, device,
-              student_name: str = "kdvit_mini_patch4_32", size: int = 32):
+              student_name: str = "kdvit_mini_patch4_32", size: int = 32, amp: str = "none", compiled: bool = False):
     torch.manual_seed(0)
     tokens = 0 if mode == "none" else 2
     student = create_model(student_name, classes, num_teachers=tokens).to(device)
+    heads_of = HeadsOf(student)  # what distill trains (and compiles with train.compile)
+    trained = torch.compile(heads_of) if compiled else heads_of
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     loss_fn = DistillationLoss(classes, alpha=0.5)
     store = LogitStore(store_path) if mode == "store" else None
@@ -106,8 +115,8 @@ def make_step(mode: str, classes: int, teachers: list[str], store_path: Path, me
             timers["teachers"] += time.perf_counter() - start
         else:
             targets = []
-        heads = student.forward_heads(images)
-        loss, _ = loss_fn(heads, y, yp, lam, targets)
+        with autocast(device, amp):
+            loss, _ = loss_fn(trained(images), y, yp, lam, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -178,10 +187,13 @@ def main() -> None:
     parser.add_argument("--stem-macs", action="store_true", help="only count the aligned stem's cost (GMACs) and exit")
     parser.add_argument("--imagenet-shapes", action="store_true",
                         help="224 px: kdvit_tiny_patch16_224 (DeiT-Ti) with untrained ResNet-18 and RedNet-26 teachers, batch 8")
+    parser.add_argument("--speedups", action="store_true",
+                        help="the store step in fp32/bf16 x eager/compiled instead of the four modes (CPU: bf16 needs AVX-512 BF16 or AMX to pay)")
+    parser.add_argument("--student", default="kdvit_mini_patch4_32", help="the student (32 px students only)")
     parser.add_argument("--json")
     parser.add_argument("--peak-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.student, args.size = "kdvit_mini_patch4_32", 32
+    args.size = 32
     if args.quick:
         args.steps, args.rounds, args.images, args.no_memory = 4, 2, 320, True
     if args.imagenet_shapes:
@@ -195,6 +207,9 @@ def main() -> None:
                   "(aten ops counted by torch.utils.flop_counter; the involution's shifted-view sums are not matmuls and count as 0)")
         return
     device = torch.device(args.device)
+    if args.speedups:
+        speedups(args, device)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         train, teachers, store_path, batches, mean, std = setup(args, Path(tmp))
         steps = {m: make_step(m, train.num_classes, teachers, store_path, mean, std, device, args.student, args.size) for m in MODES}
@@ -213,7 +228,7 @@ def main() -> None:
         if not args.no_memory and device.type == "cpu":
             for mode in MODES:
                 out = subprocess.run([sys.executable, __file__, "--peak-child", mode, tmp, "--batch", str(args.batch),
-                                      "--steps", str(args.steps), "--images", str(args.images)]
+                                      "--steps", str(args.steps), "--images", str(args.images), "--student", args.student]
                                      + (["--teachers", *args.teachers] if args.teachers else []),
                                      capture_output=True, text=True, check=True)
                 rows[mode]["peak_mib"] = int(out.stdout.strip().splitlines()[-1]) / 2**20
@@ -227,6 +242,37 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "teacher_share": teacher_share, "batch": args.batch}, indent=1))
     print(f"store/none {best['store'] / best['none']:.3f}x  online/none {best['online'] / best['none']:.3f}x")
+
+
+SPEEDUPS = {"fp32 eager": ("none", False), "bf16 eager": ("bf16", False), "fp32 compiled": ("none", True),
+            "bf16 compiled": ("bf16", True)}
+
+
+def speedups(args, device: torch.device) -> None:
+    """The store step under train.amp x train.compile, alternated in rounds, each against fp32 eager."""
+    import platform
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train, teachers, store_path, batches, mean, std = setup(args, Path(tmp))
+        steps = {name: make_step("store", train.num_classes, teachers, store_path, mean, std, device, args.student, args.size,
+                                 amp, compiled)[0] for name, (amp, compiled) in SPEEDUPS.items()}
+        for step in steps.values():  # compilation and the first steps' allocations, outside the timings
+            step(batches[0])
+        best = {name: 0.0 for name in SPEEDUPS}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                best[name] = max(best[name], timed(step, batches, device))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if device.type == "cpu" else torch.cuda.get_device_name()
+    flags = Path("/proc/cpuinfo").read_text() if device.type == "cpu" else ""
+    isa = [f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni") if f in flags]
+    print(f"{args.student}, store step, batch {args.batch}, {args.steps} steps x {args.rounds} rounds, {device} ({cpu}; "
+          f"{', '.join(isa) or 'no AVX-512 BF16/AMX'}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name in SPEEDUPS:
+        print(f"{name:14} {best[name]:8.1f} img/s  {best[name] / best['fp32 eager']:5.2f}x fp32 eager")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"student": args.student, "cpu": cpu, "isa": isa, "batch": args.batch,
+                                               "img_s": best}, indent=1))
 
 
 if __name__ == "__main__":
