@@ -398,7 +398,10 @@ def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views
         "runs": [{"name": "both-v3", "mode": "store", "teachers": ["conv", "inv"], "views": 3},
                  {"name": "fm", "mode": "store", "teachers": ["conv", "inv"], "views": 3, "set": fm}],
         "tune": {"holdout": 3, "epochs": 1,
-                 "stages": [{"run": "fm", "scope": "run", "grid": [[{"distill.tau": 1.0}, {"distill.tau": 2.0}]]}]}}))
+                 "stages": [{"run": "fm", "scope": "run", "grid": [[{"distill.tau": 1.0}, {"distill.tau": 2.0}]]},
+                            # a choice that only shows over a longer schedule: this stage's trials run 2 epochs
+                            {"run": "both-v3", "scope": "run", "epochs": 2,
+                             "grid": [[{"train.lr": 1.0e-3}, {"train.lr": 2.0e-3}]]}]}}))
     assert main(["study", str(child)]) == 0
     out = capsys.readouterr().out
     record = json.loads((tmp_path / "patient-results" / "tuning.json").read_text())
@@ -418,4 +421,18 @@ def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views
     assert Path(manifest["grown_from"]["path"]).parent == parent_dir / "study" / "stores" and "grown from" in out
     views = [json.loads(x)["view"] for x in (tmp_path / "patient" / "runs" / "both-v3-s0" / "metrics.jsonl").read_text().splitlines()]
     assert views == [0, 1, 2]  # a new stored view every epoch
-    assert "Settings search" in (tmp_path / "patient-results" / "study.md").read_text()
+    long_trial = load_config(tmp_path / "patient" / "tune" / record["stages"][1]["trials"][0]["trial"] / "config.yaml")
+    assert long_trial.train.epochs == 2 and long_trial.store.views == 2 and trial.train.epochs == 1
+    assert record["stages"][1]["epochs"] == 2 and "epochs" not in record["stages"][0]
+    lr = max(record["stages"][1]["trials"], key=lambda t: t["holdout_top1"])["overrides"]["train.lr"]
+    assert both.train.lr == lr and final.train.lr == trial.train.lr  # run-scoped: fm keeps the inherited rate
+    summary = (tmp_path / "patient-results" / "study.md").read_text()
+    assert "Settings search" in summary and "| both-v3 (its own), 2-epoch trials |" in summary
+    assert "| fm (its own) |" in summary
+    # The committed search is reused on a fresh machine only for the same trial lengths.
+    from libkd.study.search import _same_search
+
+    tune = load_study(child).tune
+    assert _same_search(record, tune)
+    tune.stages[1].epochs = 3
+    assert not _same_search(record, tune)

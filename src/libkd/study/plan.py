@@ -60,6 +60,9 @@ class TuneStage(Section):
     scope: Literal["all", "run"] = "all"
     # Axes of the grid: each a list of choices, a choice being overrides such as {train.lr: 1.0e-3}.
     grid: list[list[dict[str, Any]]]
+    # This stage's trial length (default: the search's ``epochs``): for a choice that only shows over a long
+    # schedule, such as how much augmentation a 300-epoch run needs.
+    epochs: int | None = Field(None, ge=1)
 
 
 class TuneConfig(Section):

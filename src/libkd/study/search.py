@@ -50,11 +50,11 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
     done = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
     for s, stage in enumerate(tune.stages):
         spec = study.spec[stage.run]
-        trials = []
+        trials, epochs = [], stage.epochs or tune.epochs
         for choice in itertools.product(*stage.grid):
             overrides = {k: v for part in choice for k, v in part.items()}
             trial_base = _with(study.base, {**chosen, **by_run.get(stage.run, {}), **spec.set, **overrides,
-                                           "data.holdout": tune.holdout, **({"train.epochs": tune.epochs} if tune.epochs else {})})
+                                           "data.holdout": tune.holdout, **({"train.epochs": epochs} if epochs else {})})
             name = f"stage{s}-{stage.run}-{_short_hash(overrides)}"
             _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
             out = study.out / "tune" / name
@@ -80,7 +80,8 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
                 write_json_atomic(trials_file, done)
         best = max(trials, key=lambda t: t["holdout_top1"])  # the first of equals: grid order breaks ties
         (by_run.setdefault(stage.run, {}) if stage.scope == "run" else chosen).update(best["overrides"])
-        record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": best["trial"]})
+        record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": best["trial"],
+                       **({"epochs": stage.epochs} if stage.epochs else {})})
         _log(f"tuning stage {s}: chose {best['overrides']} (held-out top-1 {best['holdout_top1']:.2f})")
     from libkd.fileio import write_json_atomic
 
@@ -99,7 +100,7 @@ def _same_search(record: dict[str, Any], tune: TuneConfig) -> bool:
         return False
     for saved, stage in zip(record["stages"], tune.stages):
         grid = [{k: v for part in choice for k, v in part.items()} for choice in itertools.product(*stage.grid)]
-        if saved["run"] != stage.run or saved.get("scope", "all") != stage.scope or \
+        if saved["run"] != stage.run or saved.get("scope", "all") != stage.scope or saved.get("epochs") != stage.epochs or \
                 [t["overrides"] for t in saved["trials"]] != json.loads(json.dumps(grid)):
             return False
     return True

@@ -145,12 +145,15 @@ def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
 
 def tuning_table(record: dict[str, Any]) -> list[str]:
     lines = [f"Held out per class: {record['holdout']}; trial runs of {record['epochs'] or 'the study’s'} epochs. "
-             "Each stage's winner holds for the later stages and for every run, or, marked 'its own', for that run only.", "",
+             "Each stage's winner holds for the later stages and for every run, or, marked 'its own', for that run only; "
+             "a stage with its own trial length says so.", "",
              "| stage | run | settings | held-out top-1 | chosen |", "|---|---|---|---|---|"]
     for stage in record["stages"]:
         for t in stage["trials"]:
             settings = ", ".join(f"{k}={v}" for k, v in t["overrides"].items())
-            lines.append(f"| {stage['stage']} | {stage['run']}{' (its own)' if stage.get('scope') == 'run' else ''} | {settings} | {t['holdout_top1']:.2f} | "
+            length = f", {stage['epochs']}-epoch trials" if stage.get("epochs") else ""
+            lines.append(f"| {stage['stage']} | {stage['run']}{' (its own)' if stage.get('scope') == 'run' else ''}{length} | {settings} | "
+                         f"{t['holdout_top1']:.2f} | "
                          f"{'yes' if t['trial'] == stage['chosen'] else ''} |")
     return lines
 
