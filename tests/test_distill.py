@@ -269,6 +269,23 @@ def test_resuming_with_another_token_count_names_both_numbers(tmp_path, stores):
         distill(run_config(tmp_path / "run", f"distill.store={stores['consistent']}", "train.epochs=1", "distill.combine=mean"))
 
 
+def test_a_state_saved_before_a_setting_existed_resumes_only_at_that_settings_default(tmp_path, stores):
+    """A run saved by an older libkd (its identity lacks a setting added since) is resumed or reused when the new
+    setting is at its default, which keeps the behaviour the run was trained under, and refused by name otherwise."""
+    store = f"distill.store={stores['consistent']}"
+    distill(run_config(tmp_path / "run", store, "train.epochs=1"))
+    state_path = tmp_path / "run" / "last_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["identity"]["distill"]["allow_untempered_tails"], state["identity"]["train"]["compile"]  # not there yet
+    torch.save(state, state_path)
+    before = (tmp_path / "run" / "student.safetensors").read_bytes()
+    reused = distill(run_config(tmp_path / "run", store, "train.epochs=1"))  # a finished run passes the same check
+    assert reused["epoch"] == 1 and (tmp_path / "run" / "student.safetensors").read_bytes() == before
+    assert "allow_untempered_tails" not in torch.load(state_path, weights_only=True)["identity"]["distill"]
+    with pytest.raises(LibkdError, match="distill.allow_untempered_tails: saved None, now True"):
+        distill(run_config(tmp_path / "run", store, "train.epochs=1", "distill.allow_untempered_tails=true"))
+
+
 def test_resume_drops_step_lines_of_unfinished_epochs_and_torn_lines(tmp_path):
     from libkd.distill import _trim_steps
 

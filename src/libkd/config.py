@@ -79,6 +79,15 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @classmethod
+    def field_defaults(cls, mode: Literal["json", "python"] = "json") -> dict[str, Any]:
+        """Each field's default as ``model_dump(mode=mode)`` writes it (required fields left out): what a key added
+        since a run's state was saved meant before it existed, as a new setting's default keeps the old behaviour."""
+        from pydantic import TypeAdapter
+
+        return {name: TypeAdapter(field.annotation).dump_python(field.get_default(call_default_factory=True), mode=mode)
+                for name, field in cls.model_fields.items() if not field.is_required()}
+
 
 class SyntheticConfig(Section):
     """Shape of the generated data set used by unit tests and smoke runs."""

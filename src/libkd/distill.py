@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from libkd import LibkdError
-from libkd.config import ExperimentConfig, ReplayConfig, StoreConfig, save_config
+from libkd.config import DistillConfig, ExperimentConfig, ReplayConfig, StoreConfig, TrainConfig, save_config
 from libkd.data import cache_dir, load_splits
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.distributed import barrier, setup
@@ -200,7 +200,8 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     start_epoch, history = resume(out / STATE_FILE, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler,
-                                  extra={"ema": ema.module} if ema else None)
+                                  extra={"ema": ema.module} if ema else None,
+                                  defaults={"train": TrainConfig.field_defaults(), "distill": DistillConfig.field_defaults()})
     if start_epoch >= cfg.train.epochs:
         log(f"'{out}' is already complete ({start_epoch} epochs): reusing it")
     elif start_epoch:

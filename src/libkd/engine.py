@@ -21,7 +21,6 @@ from libkd import LibkdError
 from libkd.config import TrainConfig
 
 
-# Train settings that change neither the weights nor the stream: a run may resume with other values.
 # Train settings that change neither the weights nor the stream: a run resumes (and a study reuses it) across them.
 RESUMABLE_TRAIN_KEYS = {"resume", "workers", "eval_every", "tensorboard", "eval_batch_size"}
 
@@ -57,10 +56,12 @@ def load_resume_state(path: Path, device: torch.device) -> dict:
 
 def resume(state_path: Path, identity: dict, allowed: bool, device: torch.device, model: nn.Module,
            optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-           extra: dict[str, nn.Module] | None = None) -> tuple[int, list[dict]]:
+           extra: dict[str, nn.Module] | None = None, defaults: dict[str, dict] | None = None) -> tuple[int, list[dict]]:
     """Load a run's last state into the training objects: (epochs done, history); (0, []) for a new run.
 
-    A state saved under another ``identity`` (recipe, data, inputs) is refused, naming what changed.
+    A state saved under another ``identity`` (recipe, data, inputs) is refused, naming what changed. ``defaults``
+    (identity section -> its config class's ``field_defaults``): a setting added to a section since the state was
+    saved matches it when it is at its default (which keeps the behaviour the state was trained under).
     """
     if not state_path.is_file():
         return 0, []
@@ -70,6 +71,10 @@ def resume(state_path: Path, identity: dict, allowed: bool, device: torch.device
     state = load_resume_state(state_path, device)
     if isinstance(state["identity"].get("train"), dict):  # states saved when these keys were part of the identity
         state["identity"]["train"] = {k: v for k, v in state["identity"]["train"].items() if k not in RESUMABLE_TRAIN_KEYS}
+    for section, section_defaults in (defaults or {}).items():
+        saved, now = state["identity"].get(section), identity.get(section)
+        if isinstance(saved, dict) and isinstance(now, dict):
+            saved.update({k: now[k] for k in now.keys() - saved.keys() if k in section_defaults and now[k] == section_defaults[k]})
     if state["identity"] != identity:
         changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
         details = []

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from libkd import LibkdError
-from libkd.config import ExperimentConfig, save_config
+from libkd.config import AugmentConfig, ExperimentConfig, ModelConfig, TrainConfig, save_config
 from libkd.data import ImageDataset, load_splits
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
 from libkd.distributed import barrier, setup
@@ -118,7 +118,9 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
     identity = _run_identity(cfg, train, spec)
 
     state_path = out / STATE_FILE
-    start_epoch, history = resume(state_path, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler)
+    start_epoch, history = resume(state_path, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler,
+                                  defaults={"train": TrainConfig.field_defaults("python"), "teacher": ModelConfig.field_defaults("python"),
+                                            "augment": AugmentConfig.field_defaults("python")})
     if start_epoch >= cfg.train.epochs:
         log(f"'{out}' is already complete ({start_epoch} epochs): reusing it")
     elif start_epoch:
