@@ -396,7 +396,10 @@ def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views
         "extends": str(parent), "out": str(tmp_path / "patient"), "results": str(tmp_path / "patient-results"),
         "set": {"train.epochs": 3, "train.eval_every": 3}, "seeds": [0],
         "runs": [{"name": "both-v3", "mode": "store", "teachers": ["conv", "inv"], "views": 3},
-                 {"name": "fm", "mode": "store", "teachers": ["conv", "inv"], "views": 3, "set": fm}],
+                 {"name": "fm", "mode": "store", "teachers": ["conv", "inv"], "views": 3, "set": fm},
+                 # the parent's 2-epoch baseline, reused as it was committed (the same run: its schedule set back)
+                 {"name": "none-e2", "mode": "none", "reuse": str(parent_dir / "results" / "runs" / "none-s0"),
+                  "set": {"train.epochs": 2}}],
         "tune": {"holdout": 3, "epochs": 1,
                  "stages": [{"run": "fm", "scope": "run", "grid": [[{"distill.tau": 1.0}, {"distill.tau": 2.0}]]},
                             # a choice that only shows over a longer schedule: this stage's trials run 2 epochs
@@ -429,6 +432,13 @@ def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views
     summary = (tmp_path / "patient-results" / "study.md").read_text()
     assert "Settings search" in summary and "| both-v3 (its own), 2-epoch trials |" in summary
     assert "| fm (its own) |" in summary
+    # The reused run is read where it was committed: neither trained nor copied here; each schedule has its own table.
+    assert not (tmp_path / "patient" / "runs" / "none-e2-s0").exists()
+    assert not (tmp_path / "patient-results" / "runs" / "none-s0").exists()
+    assert "none-e2-s0 (none, teachers -, per-token): done, reusing it (from" in out
+    top1 = json.loads((parent_dir / "results" / "runs" / "none-s0" / "student.eval.json").read_text())["top1"]
+    assert f"| none-e2 | none | — | — | 1/1 | **{top1:.2f}** |" in summary
+    assert "### 2 epochs" in summary and "### 3 epochs" in summary
     # The committed search is reused on a fresh machine only for the same trial lengths.
     from libkd.study.search import _same_search
 
@@ -436,3 +446,13 @@ def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views
     assert _same_search(record, tune)
     tune.stages[1].epochs = 3
     assert not _same_search(record, tune)
+    # A reused run whose settings differ from what this study asks for is refused by name, and so is a wrong folder.
+    config = yaml.safe_load(child.read_text())
+    config["runs"][2]["set"] = {}  # this study's 3 epochs: not the run that was committed
+    child.write_text(yaml.safe_dump(config))
+    assert main(["study", str(child)]) == 2
+    assert "was made with another train (train.epochs differ)" in capsys.readouterr().err
+    config["runs"][2].update(set={"train.epochs": 2}, reuse=str(parent_dir / "results" / "runs" / "nowhere"))
+    child.write_text(yaml.safe_dump(config))
+    assert main(["study", str(child)]) == 2
+    assert "reuses" in (err := capsys.readouterr().err) and "does not hold a finished run" in err

@@ -176,3 +176,23 @@ def test_the_table_along_training_says_how_much_of_the_gap_to_each_teacher_each_
     text = "\n".join(training_table(study(runs), by_run))
     assert "| run | top-1 | gap to conv (70.00) closed | gap to inv (60.00) closed | passes |" in text
     assert "| both | 62.00 | 73 % | 110 % | inv |" in text and "| none | 40.00 | 0 % | 0 % | none |" in text
+
+
+def test_runs_of_two_schedules_get_a_table_each_and_close_the_gap_against_their_own_baseline():
+    runs = [{"name": "none", "mode": "none"}, {"name": "both", "mode": "store", "teachers": ["conv", "inv"]},
+            {"name": "none-e300", "mode": "none"}, {"name": "both-e300", "mode": "store", "teachers": ["conv", "inv"]}]
+    teachers = {"conv": 70.0, "inv": 60.0}
+    by_run = {"none": curved({30: 35.0, 60: 40.0}), "both": curved({30: 50.0, 60: 62.0}, teachers=teachers),
+              "none-e300": curved({150: 45.0, 300: 50.0}), "both-e300": curved({150: 60.0, 300: 72.0}, teachers=teachers)}
+    text = "\n".join(training_table(study(runs), by_run))
+    assert text.index("### 60 epochs") < text.index("| both | 50.00 (+15.00) | 62.00 (+22.00) |") < text.index("### 300 epochs")
+    assert "| both-e300 | 60.00 (+15.00) | 72.00 (+22.00) |" in text
+    # 60-epoch runs against none (40), 300-epoch runs against none-e300 (50): never across schedules.
+    assert "| run | epochs | top-1 | gap to conv (70.00) closed | gap to inv (60.00) closed | passes |" in text
+    assert "| both | 60 | 62.00 | 73 % | 110 % | inv |" in text
+    assert "| both-e300 | 300 | 72.00 | 110 % | 220 % | conv, inv |" in text
+    assert "`none` 40.00 at 60 epochs; `none-e300` 50.00 at 300 epochs" in text
+    # A schedule without its own baseline gets no gain column and no gap row.
+    del by_run["none-e300"]
+    text = "\n".join(training_table(study(runs), by_run))
+    assert "| both-e300 | 60.00 | 72.00 |" in text and "| both-e300 | 300 |" not in text

@@ -40,6 +40,9 @@ class RunSpec(Section):
     # Settings of this run on top of the study's and the search's (e.g. function matching: distill.alpha: 1.0).
     set: dict[str, Any] = {}
     seeds: int = Field(1, ge=1)
+    # The committed results folder of this very run in another study (e.g. the 60-epoch baseline of a study that
+    # extends the schedule): read as a landed run, checked against this study's config for the run, never trained.
+    reuse: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunSpec":
@@ -47,6 +50,8 @@ class RunSpec(Section):
             raise ValueError(f"run '{self.name}': mode none takes no teachers, the other modes need some")
         if self.naive_store and self.mode != "store":
             raise ValueError(f"run '{self.name}': naive_store needs mode store")
+        if self.reuse and self.seeds != 1:
+            raise ValueError(f"run '{self.name}': reuse names one run's folder, so it has one seed")
         if self.fresh_views and self.mode == "store":
             raise ValueError(f"run '{self.name}': fresh_views needs mode online or none (a store holds its V views)")
         return self

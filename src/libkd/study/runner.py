@@ -260,8 +260,12 @@ class Study:
     # ------------------------------------------------------------------ report
 
     def landed_run(self, spec: RunSpec, seed: int, name: str) -> Path | None:
-        """``results/runs/NAME`` when it holds this very run, finished (the small files an earlier session committed)."""
-        folder = self.results / "runs" / name if self.results else None
+        """``results/runs/NAME`` (or the run's ``reuse`` folder) when it holds this very run, finished (the small files
+        an earlier session committed)."""
+        folder = Path(spec.reuse) if spec.reuse else self.results / "runs" / name if self.results else None
+        if spec.reuse and not all((folder / f).is_file() for f in RESULT_FILES):
+            raise LibkdError(f"run '{spec.name}' reuses '{folder}', which does not hold a finished run (it needs "
+                             f"{', '.join(RESULT_FILES)}); fix the path or drop reuse: to train it here")
         if folder is None or not all((folder / f).is_file() for f in RESULT_FILES):
             return None
         expected = self.run_config(spec, seed, self.base_for(spec), self.out / "runs" / name, build=False)
@@ -273,8 +277,8 @@ class Study:
         for spec, seed, name in self.planned_runs():
             if (self.out / "runs" / name / "student.eval.json").is_file():
                 finished.append((spec, seed, self.out / "runs" / name))
-            elif self.final_base is not None and self.landed_run(spec, seed, name):
-                finished.append((spec, seed, self.results / "runs" / name))
+            elif self.final_base is not None and (landed := self.landed_run(spec, seed, name)):
+                finished.append((spec, seed, landed))
         return finished
 
     def write_results(self) -> Path:
@@ -290,9 +294,9 @@ class Study:
         study_md.write_text(summary_markdown(self, finished))
         if self.cfg.results:
             results = Path(self.cfg.results)
-            for _, _, folder in finished:
+            for spec, _, folder in finished:
                 target = results / "runs" / folder.name
-                if target.resolve() == folder.resolve():
+                if target.resolve() == folder.resolve() or spec.reuse:  # another study's committed run stays there
                     continue
                 target.mkdir(parents=True, exist_ok=True)
                 for name in RESULT_FILES:

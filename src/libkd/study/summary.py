@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from libkd.study.plan import RunSpec
-from libkd.study.verdicts import _by_run, _roles, claims, gain_changes
+from libkd.study.verdicts import _by_run, claims, gain_changes
 
 if TYPE_CHECKING:
     from libkd.study.runner import Study
@@ -73,15 +73,70 @@ def _columns(epochs: list[int], most: int = 8) -> list[int]:
     return epochs[::-1][::step][::-1]
 
 
+def _schedule(rows: list[dict[str, Any]]) -> int | None:
+    """A run's schedule: its last scored epoch (every run is scored after its last epoch)."""
+    return max((max(r["curve"]) for r in rows if r.get("curve")), default=None)
+
+
 def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
                    parent: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
     """Test top-1 along training, mean over seeds, with each distilled run's gain over the run without teachers at
-    the same epoch; the study this one extends (``parent``) gives its final figures as a last column; the teachers'
-    own top-1 closes it. Answers: does the gain grow or shrink with training, does the ordering hold, how close do
-    the students get to their teachers."""
+    the same epoch; the study this one extends (``parent``) gives its final figures as a last column; the share of the
+    gap between the run without teachers and each teacher that each run closes; the teachers' own top-1 closes it.
+    Runs of different schedules get a table each, and each run is compared with the run without teachers of its own
+    schedule. Answers: does the gain grow or shrink with training, does the ordering hold, how close do the students
+    get to their teachers."""
     names = [s.name for s in study.cfg.runs if s.name in by_run]
     if not names:
         return []
+    groups: dict[int | None, list[str]] = {}
+    for name in names:
+        groups.setdefault(_schedule(by_run[name]), []).append(name)
+    none_runs = {s.name for s in study.cfg.runs if s.mode == "none"}
+    baselines = {epochs: next((n for n in group if n in none_runs), None) for epochs, group in groups.items()}
+    several = len(groups) > 1
+    lines: list[str] = []
+    for epochs, group in sorted(groups.items(), key=lambda item: item[0] or 0):
+        along = _along_training(study, {n: by_run[n] for n in group}, group, baselines[epochs], parent)
+        if along:
+            lines += ([f"### {epochs} epochs", ""] if several else []) + along + [""]
+    teachers: dict[str, float] = {}
+    for rows in by_run.values():
+        for r in rows:
+            for t, top1 in r["teachers"].items():
+                teachers.setdefault(t, top1)
+    compared = [n for n in names if baselines.get(_schedule(by_run[n]))]
+    if teachers and compared:  # how much of the gap between the student alone and each teacher each run closes
+        floors = {n: statistics.mean(r["top1"] for r in by_run[baselines[_schedule(by_run[n])]]) for n in compared}
+        against = "; ".join(f"`{b}` {statistics.mean(r['top1'] for r in by_run[b]):.2f}" + (f" at {e} epochs" if several else "")
+                            for e, b in sorted(baselines.items(), key=lambda item: item[0] or 0) if b)
+        lines += [f"Share of the gap between the run without teachers ({against}) and each teacher that each run "
+                  "closes" + (", each run against the one of its own schedule" if several else "")
+                  + " (100 % reaches the teacher; over 100 % passes it):", "",
+                  "| run | " + ("epochs | " if several else "") + "top-1 | "
+                  + " | ".join(f"gap to {t} ({v:.2f}) closed" for t, v in teachers.items()) + " | passes |",
+                  "|---|---|" + ("---|" if several else "") + "---|" * (len(teachers) + 1)]
+        for name in compared:
+            final, floor = statistics.mean(r["top1"] for r in by_run[name]), floors[name]
+            shares = " | ".join(f"{100 * (final - floor) / (v - floor):.0f} %" if v != floor else "—" for v in teachers.values())
+            passed = ", ".join(t for t, v in teachers.items() if final > v) or "none"
+            lines.append(f"| {name} | " + (f"{_schedule(by_run[name])} | " if several else "") + f"{final:.2f} | {shares} | {passed} |")
+        lines.append("")
+    if teachers:
+        best = max(names, key=lambda n: statistics.mean(r["top1"] for r in by_run[n]))
+        final = statistics.mean(r["top1"] for r in by_run[best])
+        lines += ["The teachers on the same split: " + ", ".join(f"{t} {v:.2f}" for t, v in teachers.items())
+                  + f". The best student, `{best}` ({final:.2f}), is "
+                  + ", ".join(f"{abs(final - v):.2f} points {'below' if final < v else 'above'} {t}" for t, v in teachers.items())
+                  + "."]
+    while lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _along_training(study: Study, by_run: dict[str, list[dict[str, Any]]], names: list[str], baseline: str | None,
+                    parent: dict[str, list[dict[str, Any]]] | None) -> list[str]:
+    """The table along training of runs of one schedule, gains over ``baseline`` (of the same schedule)."""
     scored = sorted(set.intersection(*(set(r["curve"]) for n in names for r in by_run[n])))
     if not scored:
         return []
@@ -90,8 +145,6 @@ def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
     def at(name: str, epoch: int) -> float:
         return statistics.mean(r["curve"][epoch] for r in by_run[name])
 
-    baseline = _roles(study.cfg).get("baseline")
-    baseline = baseline if baseline in by_run else None
     parent_epochs = study.parent.final_base.train.epochs if study.parent is not None and study.parent.final_base else None
     extra = [f"{parent_epochs or 'final'} epochs (`{study.cfg.extends}`)"] if parent is not None else []
     lines = ["Test top-1 at the epochs every finished seed scored (`train.eval_every`), mean over seeds"
@@ -117,29 +170,6 @@ def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if parent is not None and baseline and baseline in parent:
         lines += ["", *gain_changes(study, by_run, parent, baseline)]
-    teachers: dict[str, float] = {}
-    for rows in by_run.values():
-        for r in rows:
-            for t, top1 in r["teachers"].items():
-                teachers.setdefault(t, top1)
-    if teachers and baseline:  # how much of the gap between the student alone and each teacher each run closes
-        floor = statistics.mean(r["top1"] for r in by_run[baseline])
-        lines += ["", f"Share of the gap between `{baseline}` ({floor:.2f}) and each teacher that each run closes "
-                      "(100 % reaches the teacher; over 100 % passes it):", "",
-                  "| run | top-1 | " + " | ".join(f"gap to {t} ({v:.2f}) closed" for t, v in teachers.items()) + " | passes |",
-                  "|---|---|" + "---|" * (len(teachers) + 1)]
-        for name in names:
-            final = statistics.mean(r["top1"] for r in by_run[name])
-            shares = " | ".join(f"{100 * (final - floor) / (v - floor):.0f} %" if v != floor else "—" for v in teachers.values())
-            passed = ", ".join(t for t, v in teachers.items() if final > v) or "none"
-            lines.append(f"| {name} | {final:.2f} | {shares} | {passed} |")
-    if teachers:
-        best = max(names, key=lambda n: statistics.mean(r["top1"] for r in by_run[n]))
-        final = statistics.mean(r["top1"] for r in by_run[best])
-        lines += ["", "The teachers on the same split: " + ", ".join(f"{t} {v:.2f}" for t, v in teachers.items())
-                  + f". The best student, `{best}` ({final:.2f}), is "
-                  + ", ".join(f"{abs(final - v):.2f} points {'below' if final < v else 'above'} {t}" for t, v in teachers.items())
-                  + "."]
     return lines
 
 
