@@ -547,3 +547,16 @@ def identity_fields(manifest: dict) -> dict:
     from libkd.store.format import IDENTITY_FIELDS
 
     return {k: manifest[k] for k in IDENTITY_FIELDS}
+
+
+def test_a_store_build_in_a_log_reports_progress_between_shards(tmp_path, teachers, monkeypatch, capsys):
+    """Off a terminal the bar is off; a long shard still prints a progress line at least every LOG_EVERY_S."""
+    import libkd.store.precompute as module
+
+    monkeypatch.setattr(module, "LOG_EVERY_S", 0.0)  # a line after every batch
+    precompute(config(tmp_path, teachers, "store.batch_size=16", "store.shard_size=1000"))  # one shard of 48 images
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("precompute:")]
+    progress = [x for x in lines if "shards written" in x]
+    assert len(progress) == 48 * 3 // 16 and progress[0].startswith("precompute: 16 of 144 views,")
+    assert progress[-2].endswith("0/1 shards written") and progress[-1].endswith("1/1 shards written")
+    assert sum("shard 1/1 written" in x for x in lines) == 1

@@ -157,6 +157,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     pending: dict[int, list[np.ndarray]] = {}
     filled: dict[int, int] = {}
     start_time, images_done, completed = time.perf_counter(), 0, done_before
+    last_line = start_time
     for images, _, _, _, indices, batch_views in loader:
         images = images.to(device, non_blocking=True)
         records = [encode(logits, cfg.store.encoding, cfg.store.topk, topk_taus(cfg.store) or ()) for logits in teacher_logits(teachers, images, mean, std, size)]
@@ -183,6 +184,10 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
                           f"{images_done + len(indices):,} of {len(pairs):,} views, {rate:.0f} views/s", flush=True)
         bar.update(len(indices))
         images_done += len(indices)
+        if not on_terminal() and time.perf_counter() - last_line >= LOG_EVERY_S:  # a shard may take many minutes
+            last_line = time.perf_counter()
+            print(f"precompute{f'[{rank}]' if world > 1 else ''}: {images_done:,} of {len(pairs):,} views, "
+                  f"{images_done / (last_line - start_time):.0f} views/s, {completed}/{num_shards} shards written", flush=True)
     bar.close()
     elapsed = time.perf_counter() - start_time
     barrier()
@@ -190,6 +195,9 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         _finish_manifest(root, num_shards)
     barrier()
     return {"images": images_done, "seconds": elapsed, "images_per_s": images_done / max(elapsed, 1e-9)}
+
+
+LOG_EVERY_S = 300.0  # off a terminal: a progress line at least this often, besides one per shard
 
 
 class FixedBatch(torch.nn.Module):
