@@ -437,7 +437,8 @@ def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views
     assert not (tmp_path / "patient-results" / "runs" / "none-s0").exists()
     assert "none-e2-s0 (none, teachers -, per-token): done, reusing it (from" in out
     top1 = json.loads((parent_dir / "results" / "runs" / "none-s0" / "student.eval.json").read_text())["top1"]
-    assert f"| none-e2 | none | — | — | 1/1 | **{top1:.2f}** |" in summary
+    assert f"| none-e2 | none | — | — | 2 | 1/1 | **{top1:.2f}** |" in summary  # a schedule column: they differ
+    assert "| both-v3 | store | conv, inv | per-token | 3 | 1/1 |" in summary and "; 3 epochs;" not in summary
     assert "### 2 epochs" in summary and "### 3 epochs" in summary
     # The committed search is reused on a fresh machine only for the same trial lengths.
     from libkd.study.search import _same_search

@@ -26,18 +26,26 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
     by_run = _by_run(finished)
     cfg = study.cfg
     base = study.final_base or cfg.base
+    planned = {spec.name: study.base_for(spec) if study.final_base else base for spec in cfg.runs}
+    schedules = {c.train.epochs for c in planned.values()}
+    students = {c.student.name for c in planned.values()}
+    per_run = [("student", lambda c: c.student.name)] if len(students) > 1 else []
+    per_run += [("epochs", lambda c: str(c.train.epochs))] if len(schedules) > 1 else []
     lines = ["# Study summary", "",
              f"Training data: {cfg.base.data.source} {cfg.base.data.root or ''} (subset {cfg.base.data.subset}); "
-             f"student {cfg.base.student.name}, {base.train.epochs} epochs; top-1 on the test split "
-             f"({cfg.base.data.val_split}), in percent; mean ± standard deviation over seeds.", "",
+             + (f"student {base.student.name}, " if len(students) == 1 else "")
+             + (f"{base.train.epochs} epochs; " if len(schedules) == 1 else "")
+             + f"top-1 on the test split ({cfg.base.data.val_split}), in percent; mean ± standard deviation over seeds.", "",
              *([f"Teachers, stores and searched settings: those of `{cfg.extends}`, with "
                 f"{', '.join(f'{k}={v}' for k, v in cfg.set.items()) or 'nothing'} on top.", ""] if cfg.extends else []),
-             "| run | mode | teachers | combine | seeds | top-1 | per seed | ECE | train img/s | train time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | mode | teachers | combine | " + "".join(f"{name} | " for name, _ in per_run)
+             + "seeds | top-1 | per seed | ECE | train img/s | train time |",
+             "|---|---|---|---|" + "---|" * len(per_run) + "---|---|---|---|---|---|"]
     for spec in cfg.runs:
         rows = by_run.get(spec.name)
         mode = spec.mode + (" (naive store)" if spec.naive_store else "") + (" (fresh views)" if spec.fresh_views else "")
-        described = f"| {spec.name} | {mode} | {', '.join(spec.teachers) or '—'} | {spec.combine if spec.teachers else '—'} | "
+        described = (f"| {spec.name} | {mode} | {', '.join(spec.teachers) or '—'} | {spec.combine if spec.teachers else '—'} | "
+                     + "".join(f"{value(planned[spec.name])} | " for _, value in per_run))
         if not rows:
             lines.append(described + f"0/{spec.seeds} | not run yet | | | | |")
             continue
