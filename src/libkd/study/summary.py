@@ -176,9 +176,8 @@ def _along_training(study: Study, by_run: dict[str, list[dict[str, Any]]], names
             else:
                 cells.append("not run")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if parent is not None and baseline and baseline in parent:
-        lines += ["", *gain_changes(study, by_run, parent, baseline)]
-    return lines
+    changes = gain_changes(study, by_run, parent, baseline) if parent is not None and baseline and baseline in parent else []
+    return lines + (["", *changes] if changes else [])
 
 
 def tuning_table(record: dict[str, Any]) -> list[str]:

@@ -35,7 +35,7 @@ def _roles(cfg: StudyConfig) -> dict[str, Any]:
     roles: dict[str, Any] = {"singles": []}
     for r in cfg.runs:
         if r.mode == "none":
-            roles["baseline"] = r.name
+            roles.setdefault("baseline", r.name)  # the first, as for every role (a study may add a longer one)
         elif set(r.teachers) == everyone and r.combine == "per-token" and len(everyone) > 1:
             key = "naive" if r.naive_store else "online-fresh" if r.fresh_views else r.mode
             roles.setdefault({"store": "method", "online": "online", "naive": "naive", "online-fresh": "online-fresh"}[key],
