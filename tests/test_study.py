@@ -457,3 +457,31 @@ def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views
     child.write_text(yaml.safe_dump(config))
     assert main(["study", str(child)]) == 2
     assert "reuses" in (err := capsys.readouterr().err) and "does not hold a finished run" in err
+
+
+def test_runs_trains_only_the_named_runs_and_leaves_the_others_and_their_searches(finished_study, tmp_path, capsys):
+    """--runs spreads a long study over invocations (machines): the named runs only, with the searches they need; a
+    run-scoped search of another run waits for it; a later invocation without --runs does the rest."""
+    parent_dir, parent = finished_study
+    child = tmp_path / "split.yaml"
+    child.write_text(yaml.safe_dump({
+        "extends": str(parent), "out": str(tmp_path / "split"), "results": str(tmp_path / "split-results"),
+        "set": {"train.epochs": 1, "train.eval_every": 1}, "seeds": [0],
+        "runs": [{"name": "small", "mode": "none"}, {"name": "searched", "mode": "none"}],
+        "tune": {"holdout": 3, "epochs": 1,
+                 "stages": [{"run": "searched", "scope": "run", "grid": [[{"train.lr": 1.0e-3}, {"train.lr": 2.0e-3}]]}]}}))
+    assert main(["study", str(child), "--runs", "small"]) == 0
+    out = capsys.readouterr().out
+    assert "tuning stage 0 (searched): left for an invocation that runs searched" in out
+    assert (tmp_path / "split" / "runs" / "small-s0" / "student.eval.json").is_file()
+    assert not (tmp_path / "split" / "runs" / "searched-s0").exists() and not (tmp_path / "split" / "tune").exists()
+    assert not (tmp_path / "split-results" / "tuning.json").exists()  # an incomplete search is not the study's search
+    assert "| small |" in (tmp_path / "split-results" / "study.md").read_text()
+    assert main(["study", str(child)]) == 0
+    out = capsys.readouterr().out
+    assert "small-s0 (none, teachers -, per-token): done, reusing it" in out and "trial 2/2" in out
+    record = json.loads((tmp_path / "split-results" / "tuning.json").read_text())
+    lr = max(record["stages"][0]["trials"], key=lambda t: t["holdout_top1"])["overrides"]["train.lr"]
+    assert load_config(tmp_path / "split" / "runs" / "searched-s0" / "config.yaml").train.lr == lr
+    assert main(["study", str(child), "--runs", "nothing"]) == 2
+    assert "--runs names nothing, not a run of this study; its runs are small, searched" in capsys.readouterr().err

@@ -171,13 +171,16 @@ def report_cmd(args: argparse.Namespace) -> int:
     "per-run table and curves). Resumable: rerun the same command after a kill; finished steps are reused.",
     arguments=[arg("config", help="study config, e.g. configs/cifar10-10pct-study.yaml"),
                arg("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a study key, e.g. --set base.train.epochs=2 (repeatable)")],
+                   help="override a study key, e.g. --set base.train.epochs=2 (repeatable)"),
+               arg("--runs", nargs="+", metavar="NAME",
+                   help="train only these runs (with the searches they need), e.g. to spread a long study over "
+                   "machines; the others are left for a later invocation, the report covers every finished run")],
     uses_config=False,
 )
 def study_cmd(args: argparse.Namespace) -> int:
     from libkd.study import run_study
 
-    print(f"report: {run_study(args.config, args.overrides)}")
+    print(f"report: {run_study(args.config, args.overrides, args.runs)}")
     return 0
 
 

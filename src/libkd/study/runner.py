@@ -29,8 +29,15 @@ _TIMINGS_LOCK = threading.Lock()  # one read-modify-write of timings.json at a t
 class Study:
     """The steps of one study, each skipped when its output is complete."""
 
-    def __init__(self, cfg: StudyConfig):
+    def __init__(self, cfg: StudyConfig, only: list[str] | None = None):
         self.cfg, self.out = cfg, Path(cfg.out)
+        unknown = [name for name in only or [] if name not in {r.name for r in cfg.runs}]
+        if unknown:
+            raise LibkdError(f"--runs names {', '.join(unknown)}, not a run of this study; its runs are "
+                             f"{', '.join(r.name for r in cfg.runs)}")
+        # Train only these runs (and the searches they need) in this invocation; the others wait for a later one.
+        self.only = set(only) if only else None
+        self.unsearched: set[str] = set()  # runs whose own search stage was left for a later invocation
         self.base = cfg.base
         self.spec = {r.name: r for r in cfg.runs}
         self.verified: set[str] = set()
@@ -240,6 +247,8 @@ class Study:
         plan = self.planned_runs()
         self.final_base = base
         for n, (spec, seed, name) in enumerate(plan, 1):
+            if self.only is not None and spec.name not in self.only:
+                continue
             out = self.out / "runs" / name
             here = (out / "student.eval.json").is_file()
             landed = None if here else self.landed_run(spec, seed, name)
@@ -268,6 +277,8 @@ class Study:
                              f"{', '.join(RESULT_FILES)}); fix the path or drop reuse: to train it here")
         if folder is None or not all((folder / f).is_file() for f in RESULT_FILES):
             return None
+        if spec.name in self.unsearched:  # its settings are not known until its search runs, which checks it then
+            return folder
         expected = self.run_config(spec, seed, self.base_for(spec), self.out / "runs" / name, build=False)
         _check_landed(folder, expected, ("seed", "student", "train", "distill", "replay"))
         return folder
@@ -348,6 +359,7 @@ def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str,
                              "the study's settings")
 
 
-def run_study(path: str | Path, overrides: list[str] | None = None) -> Path:
-    """Run (or resume) the study in config ``path``; returns the report's path."""
-    return Study(load_study(path, overrides)).run()
+def run_study(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None) -> Path:
+    """Run (or resume) the study in config ``path`` (only the runs named in ``only``, when given); returns the
+    report's path."""
+    return Study(load_study(path, overrides), only).run()

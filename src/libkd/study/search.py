@@ -50,6 +50,10 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
     done = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
     for s, stage in enumerate(tune.stages):
         spec = study.spec[stage.run]
+        if study.only is not None and stage.scope == "run" and stage.run not in study.only:
+            _log(f"tuning stage {s} ({stage.run}): left for an invocation that runs {stage.run} (--runs)")
+            study.unsearched.add(stage.run)
+            continue
         trials, epochs = [], stage.epochs or tune.epochs
         for choice in itertools.product(*stage.grid):
             overrides = {k: v for part in choice for k, v in part.items()}
@@ -85,12 +89,14 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
         _log(f"tuning stage {s}: chose {best['overrides']} (held-out top-1 {best['holdout_top1']:.2f})")
     from libkd.fileio import write_json_atomic
 
+    into.update(by_run)
+    if any(stage.run in study.unsearched for stage in tune.stages):
+        return chosen  # an incomplete search is not recorded as the study's search (its trials are, one by one)
     write_json_atomic(study.out / "tune" / "tuning.json", {"holdout": tune.holdout, "epochs": tune.epochs,
                                                           "stages": record, "chosen": chosen, "chosen_by_run": by_run})
     if study.results:  # landed at once, not with the first run (which may be a session away)
         study.results.mkdir(parents=True, exist_ok=True)
         shutil.copy2(study.out / "tune" / "tuning.json", study.results / "tuning.json")
-    into.update(by_run)
     return chosen
 
 
