@@ -485,3 +485,23 @@ def test_runs_trains_only_the_named_runs_and_leaves_the_others_and_their_searche
     assert load_config(tmp_path / "split" / "runs" / "searched-s0" / "config.yaml").train.lr == lr
     assert main(["study", str(child), "--runs", "nothing"]) == 2
     assert "--runs names nothing, not a run of this study; its runs are small, searched" in capsys.readouterr().err
+
+
+def test_workers_sets_this_machines_loaders_without_changing_any_store_or_run(finished_study, tmp_path, capsys):
+    """--workers N is how a machine loads data (more on a GPU machine): the same store folders and run configs but
+    for train.workers, so stores, runs and search trials stay reusable across machines."""
+    _, parent = finished_study
+    cfg = load_study(parent)
+    spec = next(r for r in cfg.runs if r.name == "both")
+    plain, busy = Study(cfg), Study(load_study(parent), workers=3)
+    for study in (plain, busy):
+        study.final_base = study.base
+    a = plain.run_config(spec, 0, plain.base, tmp_path / "a", build=False)
+    b = busy.run_config(spec, 0, busy.base, tmp_path / "a", build=False)
+    assert b.train.workers == 3 and a.train.workers == cfg.base.train.workers
+    assert a.distill.store == b.distill.store  # the same store folder: workers is not part of its key
+    assert a.model_dump(exclude={"train": {"workers"}}) == b.model_dump(exclude={"train": {"workers"}})
+    assert main(["study", str(parent), "--workers", "0"]) == 0  # every run reused: nothing differs but the loaders
+    assert "running" not in capsys.readouterr().out
+    assert main(["study", str(parent), "--workers", "-1"]) == 2
+    assert "--workers -1: give a number of data-loading processes" in capsys.readouterr().err

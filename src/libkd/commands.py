@@ -174,13 +174,16 @@ def report_cmd(args: argparse.Namespace) -> int:
                    help="override a study key, e.g. --set base.train.epochs=2 (repeatable)"),
                arg("--runs", nargs="+", metavar="NAME",
                    help="train only these runs (with the searches they need), e.g. to spread a long study over "
-                   "machines; the others are left for a later invocation, the report covers every finished run")],
+                   "machines; the others are left for a later invocation, the report covers every finished run"),
+               arg("--workers", type=int, metavar="N",
+                   help="data-loading processes for the stores and runs on this machine (default: the config's); "
+                   "part of no store's or run's identity, so results and stores stay reusable")],
     uses_config=False,
 )
 def study_cmd(args: argparse.Namespace) -> int:
     from libkd.study import run_study
 
-    print(f"report: {run_study(args.config, args.overrides, args.runs)}")
+    print(f"report: {run_study(args.config, args.overrides, args.runs, args.workers)}")
     return 0
 
 

@@ -29,8 +29,13 @@ _TIMINGS_LOCK = threading.Lock()  # one read-modify-write of timings.json at a t
 class Study:
     """The steps of one study, each skipped when its output is complete."""
 
-    def __init__(self, cfg: StudyConfig, only: list[str] | None = None):
+    def __init__(self, cfg: StudyConfig, only: list[str] | None = None, workers: int | None = None):
         self.cfg, self.out = cfg, Path(cfg.out)
+        if workers is not None and workers < 0:
+            raise LibkdError(f"--workers {workers}: give a number of data-loading processes, 0 or more (0: load in the "
+                             "training process)")
+        # Data-loading processes on this machine, for stores and runs: part of no store's or run's identity.
+        self.workers = workers
         unknown = [name for name in only or [] if name not in {r.name for r in cfg.runs}]
         if unknown:
             raise LibkdError(f"--runs names {', '.join(unknown)}, not a run of this study; its runs are "
@@ -45,7 +50,8 @@ class Study:
         self.final_base: ExperimentConfig | None = None  # the base with the search's choices, once known
         self.chosen_by_run: dict[str, dict[str, Any]] = {}  # choices of the run-scoped stages, per run
         self.own_search: dict[str, dict[str, Any]] = {}  # a study that extends another: its own stages' choices
-        self.parent = Study(load_study(cfg.extends)) if cfg.extends else None  # whose teachers, stores and search
+        # whose teachers, stores and search
+        self.parent = Study(load_study(cfg.extends), workers=workers) if cfg.extends else None
 
     @contextmanager
     def timed(self, key: str):
@@ -172,7 +178,8 @@ class Study:
         path = self.out / where / (f"naive-{_short_hash(key)}" if naive else f"seed{seed}-{_short_hash(key)}")
         replay = base.replay.model_copy(update={"enabled": False}) if naive else base.replay
         store = settings.model_copy(update={"path": str(path), "views": 1 if naive else settings.views,
-                                            "teachers": [self.teacher_path(t) for t in self.cfg.teachers]})
+                                            "teachers": [self.teacher_path(t) for t in self.cfg.teachers],
+                                            **({"workers": self.workers} if self.workers is not None else {})})
         if not build:
             return str(path)
         if not naive:
@@ -182,7 +189,7 @@ class Study:
         with self.timed(f"store {where}/{path.name}"):
             precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
         if str(path) not in self.verified:  # checksums, and a sample of records recomputed by the teachers
-            result = verify_store(path, self.cfg.store.verify_samples, self.base.device, seed)
+            result = verify_store(path, self.cfg.store.verify_samples, base.device, seed)  # where it was built
             _log(f"store {path.name} verified: {result['checked_records']} records recomputed, max |diff| {result['max_abs_diff']:.3g}")
             self.verified.add(str(path))
         return str(path)
@@ -201,7 +208,8 @@ class Study:
         # ask for a fresh view every epoch.
         views = base.train.epochs if spec.fresh_views else views or self.cfg.store.views
         store = base.store.model_copy(update={"views": views})
-        return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill, "store": store})
+        train = base.train.model_copy(update={"workers": self.workers}) if self.workers is not None else base.train
+        return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill, "store": store, "train": train})
 
     def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]:
         """Train (or reuse) one student; with ``evaluate``, score it with its teachers into student.eval.json."""
@@ -359,7 +367,8 @@ def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str,
                              "the study's settings")
 
 
-def run_study(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None) -> Path:
-    """Run (or resume) the study in config ``path`` (only the runs named in ``only``, when given); returns the
-    report's path."""
-    return Study(load_study(path, overrides), only).run()
+def run_study(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
+              workers: int | None = None) -> Path:
+    """Run (or resume) the study in config ``path`` (only the runs named in ``only``, when given; stores and runs
+    loading data with ``workers`` processes, when given); returns the report's path."""
+    return Study(load_study(path, overrides), only, workers).run()
