@@ -55,7 +55,9 @@ def pack(config: str, archive: Path) -> None:
     read = set(select_subset(np.asarray(labels), data.subset, data.subset_seed).tolist()) if data.subset else \
         set(range(len(train_files)))
     _, val_files, _ = _scan_folder(val_dir)
-    record = {"root": data.root, "data": data.model_dump(mode="json"), "placeholders": [str(f.relative_to(root)) for i, f in enumerate(train_files) if i not in read],
+    with Image.open(train_files[min(read)]) as first:  # placeholders of the same size: one array, as here
+        size = list(first.size)
+    record = {"root": data.root, "data": data.model_dump(mode="json"), "size": size, "placeholders": [str(f.relative_to(root)) for i, f in enumerate(train_files) if i not in read],
               "fingerprints": _fingerprints(data)}
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
@@ -80,7 +82,7 @@ def unpack(archive: Path, check: bool, root: str | None = None) -> None:
         members = [m for m in tar.getmembers() if m.name != RECORD]
         tar.extractall(root, members=members, filter="data")
     buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (128, 128, 128)).save(buffer, format="JPEG")
+    Image.new("RGB", tuple(record["size"]), (128, 128, 128)).save(buffer, format="JPEG")
     placeholder = buffer.getvalue()
     for name in record["placeholders"]:
         target = root / name
