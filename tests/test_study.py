@@ -472,11 +472,13 @@ def test_runs_trains_only_the_named_runs_and_leaves_the_others_and_their_searche
                  "stages": [{"run": "searched", "scope": "run", "grid": [[{"train.lr": 1.0e-3}, {"train.lr": 2.0e-3}]]}]}}))
     assert main(["study", str(child), "--runs", "small"]) == 0
     out = capsys.readouterr().out
-    assert "tuning stage 0 (searched): left for an invocation that runs searched" in out
+    assert "tuning stage 0 (searched): 0 of 2 trials landed, the rest left for an invocation that runs searched" in out
     assert (tmp_path / "split" / "runs" / "small-s0" / "student.eval.json").is_file()
-    assert not (tmp_path / "split" / "runs" / "searched-s0").exists() and not (tmp_path / "split" / "tune").exists()
+    assert not (tmp_path / "split" / "runs" / "searched-s0").exists()
+    assert not list((tmp_path / "split" / "tune").glob("stage*"))  # no trial trained
     assert not (tmp_path / "split-results" / "tuning.json").exists()  # an incomplete search is not the study's search
-    assert "| small |" in (tmp_path / "split-results" / "study.md").read_text()
+    summary = (tmp_path / "split-results" / "study.md").read_text()
+    assert "| small |" in summary and "| 0 | searched (its own) | 0 of 2 trials landed; the rest run with `--runs searched` | | not yet |" in summary
     assert main(["study", str(child)]) == 0
     out = capsys.readouterr().out
     assert "small-s0 (none, teachers -, per-token): done, reusing it" in out and "trial 2/2" in out

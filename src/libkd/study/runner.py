@@ -325,6 +325,9 @@ class Study:
                 shutil.copy2(item, results / item.name)
             tuning = self.out / "tune" / "tuning.json"
             for extra in (tuning, self.out / "timings.json"):
+                if extra == tuning and extra.is_file() and \
+                        any(stage["chosen"] is None for stage in json.loads(extra.read_text())["stages"]):
+                    continue  # a search with stages left for a later invocation (--runs) is not the study's search
                 if extra.is_file():
                     shutil.copy2(extra, results / extra.name)
         return study_md

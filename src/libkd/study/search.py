@@ -50,17 +50,17 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
     done = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
     for s, stage in enumerate(tune.stages):
         spec = study.spec[stage.run]
-        if study.only is not None and stage.scope == "run" and stage.run not in study.only:
-            _log(f"tuning stage {s} ({stage.run}): left for an invocation that runs {stage.run} (--runs)")
+        waiting = study.only is not None and stage.scope == "run" and stage.run not in study.only
+        if waiting:  # its landed trials are still shown; the rest run with the run they choose for
             study.unsearched.add(stage.run)
-            continue
         trials, epochs = [], stage.epochs or tune.epochs
         for choice in itertools.product(*stage.grid):
             overrides = {k: v for part in choice for k, v in part.items()}
             trial_base = _with(study.base, {**chosen, **by_run.get(stage.run, {}), **spec.set, **overrides,
                                            "data.holdout": tune.holdout, **({"train.epochs": epochs} if epochs else {})})
             name = f"stage{s}-{stage.run}-{_short_hash(overrides)}"
-            _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
+            if not waiting:
+                _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
             out = study.out / "tune" / name
             # A trial of E epochs reads views 0..E-1 only: a store of that many views gives the very same targets.
             views = min(spec.views, trial_base.train.epochs) if spec.views else None
@@ -72,6 +72,8 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
                 _log(f"trial {name}: done, reusing it (from {trials_file}, committed by an earlier session)")
                 trials.append({k: landed[k] for k in ("trial", "overrides", "holdout_top1")})
                 continue
+            if waiting:
+                continue
             cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", views=views)
             with study.timed(f"tune {name}"):
                 metrics = study.distill_and_evaluate(cfg, evaluate=False)
@@ -82,6 +84,13 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
                 done[name] = {**trials[-1], "config_sha": config_sha}
                 trials_file.parent.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(trials_file, done)
+        if waiting and len(trials) < _grid_size(stage.grid):
+            _log(f"tuning stage {s} ({stage.run}): {len(trials)} of {_grid_size(stage.grid)} trials landed, the rest left "
+                 f"for an invocation that runs {stage.run} (--runs)")
+            record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": None,
+                           "grid_size": _grid_size(stage.grid), **({"epochs": stage.epochs} if stage.epochs else {})})
+            continue
+        study.unsearched.discard(stage.run)  # every trial of it landed already: its choice is known
         best = max(trials, key=lambda t: t["holdout_top1"])  # the first of equals: grid order breaks ties
         (by_run.setdefault(stage.run, {}) if stage.scope == "run" else chosen).update(best["overrides"])
         record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": best["trial"],
@@ -90,10 +99,10 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
     from libkd.fileio import write_json_atomic
 
     into.update(by_run)
-    if any(stage.run in study.unsearched for stage in tune.stages):
-        return chosen  # an incomplete search is not recorded as the study's search (its trials are, one by one)
     write_json_atomic(study.out / "tune" / "tuning.json", {"holdout": tune.holdout, "epochs": tune.epochs,
                                                           "stages": record, "chosen": chosen, "chosen_by_run": by_run})
+    if any(stage.run in study.unsearched for stage in tune.stages):
+        return chosen  # an incomplete search is shown in the report, not committed as the study's (its trials are)
     if study.results:  # landed at once, not with the first run (which may be a session away)
         study.results.mkdir(parents=True, exist_ok=True)
         shutil.copy2(study.out / "tune" / "tuning.json", study.results / "tuning.json")

@@ -186,8 +186,11 @@ def tuning_table(record: dict[str, Any]) -> list[str]:
              "a stage with its own trial length says so.", "",
              "| stage | run | settings | held-out top-1 | chosen |", "|---|---|---|---|---|"]
     for stage in record["stages"]:
+        if stage["chosen"] is None:  # a run-scoped stage left for a later invocation (study --runs)
+            lines.append(f"| {stage['stage']} | {stage['run']} (its own){', ' + str(stage['epochs']) + '-epoch trials' if stage.get('epochs') else ''} | "
+                         f"{len(stage['trials'])} of {stage['grid_size']} trials landed; the rest run with `--runs {stage['run']}` | | not yet |")
         for t in stage["trials"]:
-            settings = ", ".join(f"{k}={v}" for k, v in t["overrides"].items())
+            settings = ", ".join(f"{k}={v}" for k, v in t["overrides"].items()) or "as configured (no override)"
             length = f", {stage['epochs']}-epoch trials" if stage.get("epochs") else ""
             lines.append(f"| {stage['stage']} | {stage['run']}{' (its own)' if stage.get('scope') == 'run' else ''}{length} | {settings} | "
                          f"{t['holdout_top1']:.2f} | "
