@@ -507,3 +507,99 @@ def test_workers_sets_this_machines_loaders_without_changing_any_store_or_run(fi
     assert "running" not in capsys.readouterr().out
     assert main(["study", str(parent), "--workers", "-1"]) == 2
     assert "--workers -1: give a number of data-loading processes" in capsys.readouterr().err
+
+
+def test_a_parked_run_goes_on_from_its_saved_epoch_on_a_fresh_machine(tmp_path, monkeypatch, capsys):
+    """--park copies an unfinished run's last saved epoch to results/parked/NAME; a fresh machine (OUT gone) goes on
+    from there to the weights of an uninterrupted run, and the parked state is removed once the run lands."""
+    import shutil
+
+    import libkd.distill
+
+    runs = [{"name": "both", "mode": "store", "teachers": ["conv", "inv"]}]
+    train = {"epochs": 3, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 0,
+             "tensorboard": False, "eval_every": 1}
+    changes = {"seeds": [0], "runs": runs, "base": _toy_base(tmp_path, train)}
+    (tmp_path / "ref").mkdir(), (tmp_path / "a").mkdir()
+    reference = study_yaml(tmp_path / "ref", **changes)
+    assert main(["study", str(reference)]) == 0
+    config = study_yaml(tmp_path / "a", **changes)
+
+    class SessionEnds(Exception):
+        pass
+
+    save_epoch = libkd.distill._save_epoch
+
+    def save_then_stop(out, model, final, arch, optimizer, scheduler, scaler, epoch, *rest):
+        save_epoch(out, model, final, arch, optimizer, scheduler, scaler, epoch, *rest)
+        if epoch == 1 and "runs" in Path(out).parts:  # the student's second epoch, not a teacher's
+            raise SessionEnds
+
+    monkeypatch.setattr(libkd.distill, "_save_epoch", save_then_stop)
+    with pytest.raises(SessionEnds):
+        main(["study", str(config)])
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["study", str(config), "--park"]) == 0
+    assert "parked both-s0 at epoch 2/3" in capsys.readouterr().out
+    parked = tmp_path / "a" / "results" / "parked" / "runs" / "both-s0"
+    assert {p.name for p in parked.iterdir()} == {"last_state.pt", "metrics.jsonl", "config.yaml"}
+    assert "run both-s0" in json.loads((tmp_path / "a" / "results" / "timings.json").read_text())
+
+    shutil.rmtree(tmp_path / "a" / "study")  # a fresh machine: only the committed results
+    study = Study(load_study(config))
+    assert "| both | store | conv, inv | per-token | 0/1 | seed 0 parked at epoch 2/3 (" in summary_markdown(study, [])
+    assert main(["study", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "going on from the state parked in" in out and "resuming" in out and "epoch 3/3" in out
+    assert "epoch 1/3" not in out.split("going on from")[1]  # not trained from the start again
+    assert not parked.exists()
+    same = [tmp_path / d / "study" / "runs" / "both-s0" / "student.safetensors" for d in ("ref", "a")]
+    assert same[0].read_bytes() == same[1].read_bytes()  # one process, one thread count: the same weights
+    assert main(["study", str(config), "--park"]) == 0
+    assert "nothing to park" in capsys.readouterr().out
+
+
+def _toy_base(tmp_path: Path, train: dict) -> dict:
+    """study_yaml's base with another training recipe."""
+    (tmp_path / "base").mkdir(exist_ok=True)
+    return {**yaml.safe_load(study_yaml(tmp_path / "base").read_text())["base"], "train": train}
+
+
+def test_a_parked_state_of_another_recipe_is_refused_naming_the_parked_folder(tmp_path, capsys):
+    import shutil
+
+    runs = [{"name": "none", "mode": "none"}]
+    train = {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3, "warmup_epochs": 0, "tensorboard": False}
+    config = study_yaml(tmp_path, seeds=[0], runs=runs, base=_toy_base(tmp_path, train))
+    assert main(["study", str(config)]) == 0
+    folder = tmp_path / "study" / "runs" / "none-s0"
+    (folder / "student.eval.json").unlink()  # as if its last epoch had not run: a state to park
+    shutil.rmtree(tmp_path / "results" / "runs")
+    assert main(["study", str(config), "--park"]) == 0
+    shutil.rmtree(tmp_path / "study")
+    changed = study_yaml(tmp_path, seeds=[0], runs=runs, base=_toy_base(tmp_path, {**train, "lr": 2e-3}))
+    capsys.readouterr()
+    assert main(["study", str(changed)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different train" in err and "parked by an earlier session): delete that folder" in err
+
+
+def test_park_finds_unfinished_runs_and_search_trials_of_the_named_runs_only(tmp_path):
+    """What --park copies: a run or trial with a saved epoch that has not finished (a trial finishes when it is in
+    results/tune-trials.json), among the --runs named when given; nothing without a results folder."""
+    cfg = load_study(study_yaml(tmp_path))
+    out = tmp_path / "study"
+    for folder in ("runs/both-s0", "runs/none-s1", "runs/conv-s0", "tune/stage0-both-mean-0123abcd", "tune/stage1-none-89abcdef"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "last_state.pt").write_bytes(b"state")
+    (out / "runs" / "conv-s0" / "student.eval.json").write_text("{}")  # finished
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tune-trials.json").write_text(json.dumps({"stage1-none-89abcdef": {}}))  # landed
+    names = lambda study: [str(p.relative_to(out)) for p in study.unfinished()]
+    assert names(Study(cfg)) == ["runs/both-s0", "runs/none-s1", "tune/stage0-both-mean-0123abcd"]
+    assert names(Study(cfg, only=["both-mean", "none"])) == ["runs/none-s1", "tune/stage0-both-mean-0123abcd"]
+    assert Study(cfg).parked_folder(out / "tune" / "stage0-both-mean-0123abcd") == \
+        tmp_path / "results" / "parked" / "tune" / "stage0-both-mean-0123abcd"
+    with pytest.raises(LibkdError, match="sets no `results:`"):
+        Study(cfg.model_copy(update={"results": None})).park()

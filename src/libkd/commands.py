@@ -177,12 +177,20 @@ def report_cmd(args: argparse.Namespace) -> int:
                    "machines; the others are left for a later invocation, the report covers every finished run"),
                arg("--workers", type=int, metavar="N",
                    help="data-loading processes for the stores and runs on this machine (default: the config's); "
-                   "part of no store's or run's identity, so results and stores stay reusable")],
+                   "part of no store's or run's identity, so results and stores stay reusable"),
+               arg("--park", action="store_true",
+                   help="train nothing: copy the last saved epoch (weights, optimiser, curve) of each unfinished run and "
+                   "search trial to RESULTS/parked/, so that once committed a fresh machine goes on from there (for a "
+                   "run longer than a machine's session; safe beside a running study)")],
     uses_config=False,
 )
 def study_cmd(args: argparse.Namespace) -> int:
-    from libkd.study import run_study
+    from libkd.study import Study, load_study, run_study
 
+    if args.park:
+        parked = Study(load_study(args.config, args.overrides), args.runs, args.workers).park()
+        print(f"parked: {len(parked)} run(s)")
+        return 0
     print(f"report: {run_study(args.config, args.overrides, args.runs, args.workers)}")
     return 0
 

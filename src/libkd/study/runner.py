@@ -20,6 +20,10 @@ from libkd.study.summary import summary_markdown
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
 TEACHER_FILES = ("teacher.json", "metrics.jsonl", "config.yaml")
 TEACHER_WEIGHTS = "teacher.safetensors"
+# results/parked/runs/NAME (or tune/TRIAL): an unfinished run's resume state and its curve so far, committed so that
+# a fresh machine goes on from there (a run longer than one machine's session); removed once the run finishes.
+PARKED = "parked"
+PARKED_FILES = ("last_state.pt", "metrics.jsonl", "config.yaml")
 COMMIT_WEIGHTS_MAX_BYTES = 5 * 2**20  # a teacher this small goes into git with the results; a larger one is retrained
 
 TIMING_FLUSH_S = 60.0  # how often a running step's wall time is written to timings.json
@@ -219,12 +223,22 @@ class Study:
         from libkd.fileio import write_json_atomic
 
         out = Path(cfg.out)
-        final = distill(cfg)  # a finished run is only checked against this config (a changed setting is refused) and reused
+        parked = self.unpark(out)
+        try:
+            final = distill(cfg)  # a finished run is only checked against this config (a changed setting is refused) and reused
+        except LibkdError as exc:
+            if parked is None:
+                raise
+            raise LibkdError(f"{exc}. That state came from '{parked}' (parked by an earlier session): delete that "
+                             "folder too (and commit the deletion) to start the run over") from exc
         target = out / "student.eval.json"
         if evaluate and not target.is_file():
             teachers = cfg.distill.teachers or None
             result = evaluate_checkpoint(str(out / "student"), None, teachers, resolve_device(cfg.device), cfg.train.eval_batch_size)
             write_json_atomic(target, result)
+        if parked is not None:  # finished here: the parked state has served
+            shutil.rmtree(parked)
+            _log(f"'{out}' finished: its parked state '{parked}' is removed (commit the removal with its results)")
         return final
 
     def base_for(self, spec: RunSpec) -> ExperimentConfig:
@@ -273,6 +287,74 @@ class Study:
         summary = self.write_results()
         _log(f"summary over seeds and the claims: {summary}")
         return summary.with_name("report.md")
+
+    # ------------------------------------------------------------------ parking a run between machines
+
+    def parked_folder(self, out: Path) -> Path | None:
+        """Where the run (or search trial) training in ``out`` is parked: ``results/parked/`` and its place in OUT."""
+        return self.results / PARKED / Path(out).relative_to(self.out) if self.results else None
+
+    def unfinished(self) -> list[Path]:
+        """The folders of this study's runs (of ``only``, when set) and search trials with a saved epoch, unfinished."""
+        from libkd.distill import STATE_FILE
+
+        trials_file = self.results / "tune-trials.json" if self.results else None
+        landed_trials = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
+        folders = [self.out / "runs" / name for spec, _, name in self.planned_runs()
+                   if (self.only is None or spec.name in self.only) and not (self.out / "runs" / name / "student.eval.json").is_file()]
+        # trial folders are named stage{S}-{RUN}-{HASH}
+        folders += [trial for trial in sorted((self.out / "tune").glob("stage*")) if trial.name not in landed_trials
+                    and (self.only is None or trial.name.split("-", 1)[1].rsplit("-", 1)[0] in self.only)]
+        return [folder for folder in folders if (folder / STATE_FILE).is_file()]
+
+    def park(self) -> list[Path]:
+        """Copy the last saved epoch of every unfinished run and search trial to ``results/parked/``, with its curve so
+        far and the study's timings, for a fresh machine to go on from once committed; returns the parked folders."""
+        import torch
+
+        from libkd.distill import STATE_FILE
+        from libkd.engine import load_resume_state
+        from libkd.fileio import write_json_atomic
+
+        if self.results is None:
+            raise LibkdError("--park copies unfinished runs to the study's results folder, and this study sets no "
+                             "`results:`; set one (the folder committed with the study)")
+        parked = []
+        for out in self.unfinished():
+            target = self.parked_folder(out)
+            target.mkdir(parents=True, exist_ok=True)
+            for item in PARKED_FILES:  # each by temporary file and rename: a kill leaves the former copy whole
+                if (out / item).is_file():
+                    shutil.copy2(out / item, target / f"{item}.tmp")
+                    (target / f"{item}.tmp").replace(target / item)
+            epoch = load_resume_state(target / STATE_FILE, torch.device("cpu"))["epoch"]
+            epochs = load_config(out / "config.yaml").train.epochs
+            size = (target / STATE_FILE).stat().st_size
+            _log(f"parked {out.name} at epoch {epoch}/{epochs} ({size / 2**20:.1f} MiB) -> {target}: commit it, and "
+                 f"`libkd study` on another machine goes on from epoch {epoch}")
+            parked.append(target)
+        if parked and (self.out / "timings.json").is_file():  # the time the parked runs have spent so far
+            write_json_atomic(self.results / "timings.json", json.loads((self.out / "timings.json").read_text()))
+        if not parked:
+            _log("nothing to park: no unfinished run or trial with a saved epoch"
+                 + (f" among {', '.join(sorted(self.only))}" if self.only else ""))
+        return parked
+
+    def unpark(self, out: Path) -> Path | None:
+        """Put the state an earlier session parked for the run in ``out`` there when this machine has none of its own
+        (``distill`` then resumes from it, after checking it is the same run); returns where it came from."""
+        from libkd.distill import STATE_FILE
+
+        parked = self.parked_folder(out)
+        if parked is None or not (parked / STATE_FILE).is_file():
+            return None
+        if not (out / STATE_FILE).is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            for item in PARKED_FILES:
+                if (parked / item).is_file():
+                    shutil.copy2(parked / item, out / item)
+            _log(f"{out.name}: going on from the state parked in '{parked}' by an earlier session")
+        return parked
 
     # ------------------------------------------------------------------ report
 

@@ -21,6 +21,23 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _not_landed(study: Study, spec: RunSpec) -> str:
+    """'not run yet', or how far its parked seeds have come (the saved epoch an earlier session committed)."""
+    from libkd.config import load_config
+
+    notes = []
+    for seed in study.cfg.seeds[:spec.seeds]:
+        parked = study.parked_folder(study.out / "runs" / f"{spec.name}-s{seed}")
+        if parked is None or not (parked / "metrics.jsonl").is_file():
+            continue
+        history = [json.loads(line) for line in (parked / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        scored = [h for h in history if h.get("val_top1") is not None]
+        epochs = load_config(parked / "config.yaml").train.epochs if (parked / "config.yaml").is_file() else "?"
+        notes.append(f"seed {seed} parked at epoch {history[-1]['epoch'] if history else 0}/{epochs}"
+                     + (f" ({scored[-1]['val_top1']:.2f} at epoch {scored[-1]['epoch']})" if scored else ""))
+    return "; ".join(notes) or "not run yet"
+
+
 def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) -> str:
     """Mean and spread over seeds per run, the tuning record, and each claim checked against the figures."""
     by_run = _by_run(finished)
@@ -47,7 +64,7 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
         described = (f"| {spec.name} | {mode} | {', '.join(spec.teachers) or '—'} | {spec.combine if spec.teachers else '—'} | "
                      + "".join(f"{value(planned[spec.name])} | " for _, value in per_run))
         if not rows:
-            lines.append(described + f"0/{spec.seeds} | not run yet | | | | |")
+            lines.append(described + f"0/{spec.seeds} | {_not_landed(study, spec)} | | | | |")
             continue
         lines.append(
             described + f"{len(rows)}/{spec.seeds} | **{_mean_spread([r['top1'] for r in rows])}** | "
