@@ -509,3 +509,14 @@ def test_a_mean_tokens_hard_targets_are_read_at_tau_and_untempered_tails_are_ref
     assert distill(run_config(tmp_path / "bare-allowed", *soft, "distill.allow_untempered_tails=true"))["train_loss"] > 0
     note = capsys.readouterr().err
     assert "T=1 tail mass is" in note and re.search(r"overstates the tail's tempered mass by up to 1\.41x", note)
+
+
+def test_a_run_that_would_read_views_a_store_does_not_hold_is_refused_before_training(tmp_path, teachers):
+    """A store of views 1.. (store.first_view=1, for a run going on from epoch 1) cannot start a run at epoch 0."""
+    cfg = load_config(None, DATA + ["store.views=2", "store.first_view=1", "store.shard_size=16", f"store.path={tmp_path / 'last'}",
+                                    f"store.teachers=[{', '.join(teachers)}]"])
+    precompute(cfg)
+    with pytest.raises(LibkdError, match=r"holds views 1\.\.1 only \(store.first_view=1\) and this run, from epoch 0, reads "
+                                         r"view 0: build its store with store.first_view=0"):
+        distill(run_config(tmp_path / "run", f"distill.store={tmp_path / 'last'}", "distill.mode=store"))
+    assert not (tmp_path / "run" / "last_state.pt").exists()

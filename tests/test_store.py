@@ -485,10 +485,9 @@ def test_topk_store_keeps_tempered_tails_and_verifies_them(tmp_path, teachers, c
         precompute(other)
 
 
-def test_a_store_grows_to_more_views_computing_only_the_new_ones_with_the_bytes_of_a_fresh_build(tmp_path, teachers, monkeypatch):
-    precompute(config(tmp_path, teachers, "store.views=2", name="small"))
-    precompute(config(tmp_path, teachers, "store.views=5", name="fresh"))
-    seen = []
+def count_teacher_images(monkeypatch) -> list[int]:
+    """The sizes of the batches precompute runs its teachers on from now on (appended as they run)."""
+    seen: list[int] = []
     original = precompute_module.teacher_logits
 
     def counting(ts, images, *args):
@@ -496,6 +495,13 @@ def test_a_store_grows_to_more_views_computing_only_the_new_ones_with_the_bytes_
         return original(ts, images, *args)
 
     monkeypatch.setattr(precompute_module, "teacher_logits", counting)
+    return seen
+
+
+def test_a_store_grows_to_more_views_computing_only_the_new_ones_with_the_bytes_of_a_fresh_build(tmp_path, teachers, monkeypatch):
+    precompute(config(tmp_path, teachers, "store.views=2", name="small"))
+    precompute(config(tmp_path, teachers, "store.views=5", name="fresh"))
+    seen = count_teacher_images(monkeypatch)
     precompute(config(tmp_path, teachers, "store.views=5", f"store.grow_from={tmp_path / 'small'}", name="grown"))
     assert sum(seen) == 48 * 3  # 48 samples x the 3 new views; the source's 2 views are copied, not recomputed
     grown, fresh = store_bytes(tmp_path / "grown"), store_bytes(tmp_path / "fresh")
@@ -527,6 +533,34 @@ def test_growing_from_a_store_of_another_recipe_or_as_many_views_is_refused_by_n
     with pytest.raises(StoreError, match=r"no store at"):
         precompute(config(tmp_path, teachers, "store.views=4", f"store.grow_from={tmp_path / 'missing'}", name="none"))
     assert not (tmp_path / "other" / "manifest.json").exists()  # nothing half-made is left to resume by mistake
+
+
+def test_a_store_of_the_last_views_holds_the_full_stores_records_for_them_and_refuses_the_others(tmp_path, teachers,
+                                                                                                   monkeypatch, capsys):
+    """store.first_view=k computes views k..V-1 only, each record the full store's bytes; the manifest and replay probe
+    still describe all V views (a run's identity is the same), and a read, a resume or a growth that needs another view
+    is refused by name."""
+    precompute(config(tmp_path, teachers, "store.views=5", name="full"))
+    seen = count_teacher_images(monkeypatch)
+    precompute(config(tmp_path, teachers, "store.views=5", "store.first_view=3", name="last"))
+    assert sum(seen) == 48 * 2  # 48 samples x views 3 and 4
+    full, last = LogitStore(tmp_path / "full"), LogitStore(tmp_path / "last")
+    for view in (3, 4, 8):  # 8 mod 5 = 3
+        for t in range(2):
+            assert last.records(np.arange(48), view, t).tobytes() == full.records(np.arange(48), view, t).tobytes()
+    m_full, m_last = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("full", "last"))
+    assert m_last["first_view"] == 3 and m_last["views"] == 5 and m_last["replay_probe"] == m_full["replay_probe"]
+    with pytest.raises(StoreError, match=r"holds views 3\.\.4 only \(store.first_view=3.*not view 2; build it with store.first_view=2"):
+        last.records(np.arange(4), 7, 0)
+    assert verify_store(tmp_path / "last", samples=8)["max_abs_diff"] < 1e-2  # samples only the views it holds
+    assert main(["store", "info", str(tmp_path / "last")]) == 0
+    assert "5 per sample (holds views 3..4 only)" in capsys.readouterr().out
+    with pytest.raises(StoreError, match=r"holds a store of views 3\.\.4 and this build asks for views 1\.\.4"):
+        precompute(config(tmp_path, teachers, "store.views=5", "store.first_view=1", name="last"))
+    with pytest.raises(StoreError, match=r"holds views 3\.\.4 only; grow a store that holds every view"):
+        precompute(config(tmp_path, teachers, "store.views=6", f"store.grow_from={tmp_path / 'last'}", name="grown"))
+    with pytest.raises(LibkdError, match=r"store.first_view=5 leaves no view of the 5"):
+        config(tmp_path, teachers, "store.views=5", "store.first_view=5")
 
 
 def test_a_store_built_with_compiled_teachers_agrees_with_the_eager_build_within_fp16_rounding(tmp_path, teachers):

@@ -18,7 +18,7 @@ from libkd.cli import main
 from libkd.config import ConfigError, load_config
 from libkd.data import build_dataset
 from libkd.distill import distill
-from libkd.study import Study, load_study, summary_markdown
+from libkd.study import Study, load_study, park, parked_folder, summary_markdown, unfinished
 
 TINY_TEACHER_TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0, "tensorboard": False}
 
@@ -510,13 +510,14 @@ def test_workers_sets_this_machines_loaders_without_changing_any_store_or_run(fi
 
 
 def test_a_parked_run_goes_on_from_its_saved_epoch_on_a_fresh_machine(tmp_path, monkeypatch, capsys):
-    """--park copies an unfinished run's last saved epoch to results/parked/NAME; a fresh machine (OUT gone) goes on
-    from there to the weights of an uninterrupted run, and the parked state is removed once the run lands."""
+    """--park copies an unfinished run's last saved epoch to results/parked/NAME; a fresh machine (OUT gone) builds only
+    the store views the run still reads (store.first_view), goes on from there to the weights of an uninterrupted run,
+    and removes the parked state once the run lands; a run from the start then rebuilds that store with every view."""
     import shutil
 
     import libkd.distill
 
-    runs = [{"name": "both", "mode": "store", "teachers": ["conv", "inv"]}]
+    runs = [{"name": "both", "mode": "store", "teachers": ["conv", "inv"], "views": 3}]  # a new view every epoch
     train = {"epochs": 3, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 0,
              "tensorboard": False, "eval_every": 1}
     changes = {"seeds": [0], "runs": runs, "base": _toy_base(tmp_path, train)}
@@ -553,9 +554,17 @@ def test_a_parked_run_goes_on_from_its_saved_epoch_on_a_fresh_machine(tmp_path, 
     out = capsys.readouterr().out
     assert "going on from the state parked in" in out and "resuming" in out and "epoch 3/3" in out
     assert "epoch 1/3" not in out.split("going on from")[1]  # not trained from the start again
+    assert "3 views (views 2..2 only: its run goes on from there)" in out
+    store = Path(json.loads((tmp_path / "a" / "study" / "runs" / "both-s0" / "run.json").read_text())["store"]["path"])
+    assert json.loads((store / "manifest.json").read_text())["first_view"] == 2
     assert not parked.exists()
     same = [tmp_path / d / "study" / "runs" / "both-s0" / "student.safetensors" for d in ("ref", "a")]
     assert same[0].read_bytes() == same[1].read_bytes()  # one process, one thread count: the same weights
+    shutil.rmtree(tmp_path / "a" / "results" / "runs"), shutil.rmtree(tmp_path / "a" / "study" / "runs")
+    assert main(["study", str(config)]) == 0  # the run from the start: the store of views 2.. is rebuilt whole
+    assert "holds views 2..2 only and this run reads view 0: rebuilding it" in capsys.readouterr().out
+    assert json.loads((store / "manifest.json").read_text())["first_view"] == 0
+    assert same[0].read_bytes() == same[1].read_bytes()
     assert main(["study", str(config), "--park"]) == 0
     assert "nothing to park" in capsys.readouterr().out
 
@@ -596,10 +605,10 @@ def test_park_finds_unfinished_runs_and_search_trials_of_the_named_runs_only(tmp
     (out / "runs" / "conv-s0" / "student.eval.json").write_text("{}")  # finished
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "tune-trials.json").write_text(json.dumps({"stage1-none-89abcdef": {}}))  # landed
-    names = lambda study: [str(p.relative_to(out)) for p in study.unfinished()]
+    names = lambda study: [str(p.relative_to(out)) for p in unfinished(study)]
     assert names(Study(cfg)) == ["runs/both-s0", "runs/none-s1", "tune/stage0-both-mean-0123abcd"]
     assert names(Study(cfg, only=["both-mean", "none"])) == ["runs/none-s1", "tune/stage0-both-mean-0123abcd"]
-    assert Study(cfg).parked_folder(out / "tune" / "stage0-both-mean-0123abcd") == \
+    assert parked_folder(Study(cfg), out / "tune" / "stage0-both-mean-0123abcd") == \
         tmp_path / "results" / "parked" / "tune" / "stage0-both-mean-0123abcd"
     with pytest.raises(LibkdError, match="sets no `results:`"):
-        Study(cfg.model_copy(update={"results": None})).park()
+        park(Study(cfg.model_copy(update={"results": None})))

@@ -185,10 +185,10 @@ def report_cmd(args: argparse.Namespace) -> int:
     uses_config=False,
 )
 def study_cmd(args: argparse.Namespace) -> int:
-    from libkd.study import Study, load_study, run_study
+    from libkd.study import Study, load_study, park, run_study
 
     if args.park:
-        parked = Study(load_study(args.config, args.overrides), args.runs, args.workers).park()
+        parked = park(Study(load_study(args.config, args.overrides), args.runs, args.workers))
         print(f"parked: {len(parked)} run(s)")
         return 0
     print(f"report: {run_study(args.config, args.overrides, args.runs, args.workers)}")
@@ -231,7 +231,8 @@ def store_info(args: argparse.Namespace) -> int:
     for t, teacher in enumerate(manifest["teachers"]):
         kind = manifest.get("teacher_kinds", ["?"] * (t + 1))[t]
         print(f"teacher {t}    {teacher['name']} ({kind}), weights {teacher['weights_sha256'][:16]}")
-    print(f"views        {manifest['views']} per sample, {manifest['image_size']} px, augmentation {manifest['augmentation']['sha256'][:16]}")
+    window = f" (holds views {manifest['first_view']}..{manifest['views'] - 1} only)" if manifest.get("first_view") else ""
+    print(f"views        {manifest['views']} per sample{window}, {manifest['image_size']} px, augmentation {manifest['augmentation']['sha256'][:16]}")
     enc = manifest["encoding"] + (f" k={manifest['topk']}" if manifest.get("topk") else "") + (
         f", tails at T = {', '.join(format(t, 'g') for t in manifest['topk_taus'])}" if manifest.get("topk_taus") else "")
     print(f"encoding     {enc}: {manifest['record_bytes']} bytes per sample per view per teacher")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from libkd import LibkdError
 
@@ -191,6 +191,16 @@ class StoreConfig(Section):
     # copied as views 0..V_old-1 (view v of sample i is seeded by (seed, i, v), so they are the same records) and
     # only the new views are computed. The result has the bytes of a store built with all the views at once.
     grow_from: str | None = None
+    # Hold only views first_view..views-1: for a run going on from a parked epoch of a one-view-per-epoch schedule,
+    # which reads no earlier view (epoch e reads view e mod V). Those records have the bytes of the full store's;
+    # the manifest and the replay probe still describe all V views, so the run's identity is the full store's.
+    first_view: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _window(self) -> "StoreConfig":
+        if self.first_view >= self.views:
+            raise ValueError(f"store.first_view={self.first_view} leaves no view of the {self.views} (views 0..{self.views - 1})")
+        return self
 
 
 class ModelConfig(Section):

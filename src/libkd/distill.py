@@ -202,6 +202,12 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     start_epoch, history = resume(out / STATE_FILE, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler,
                                   extra={"ema": ema.module} if ema else None,
                                   defaults={"train": TrainConfig.field_defaults(), "distill": DistillConfig.field_defaults()})
+    if store is not None and store.first_view and start_epoch < cfg.train.epochs:
+        needed = min(epoch % views for epoch in range(start_epoch, cfg.train.epochs))
+        if needed < store.first_view:
+            raise LibkdError(f"store '{store.root}' holds views {store.first_view}..{views - 1} only (store.first_view="
+                             f"{store.first_view}) and this run, from epoch {start_epoch}, reads view {needed}: build its store "
+                             f"with store.first_view={needed} or lower (0: every view), or resume the run from a later epoch")
     if start_epoch >= cfg.train.epochs:
         log(f"'{out}' is already complete ({start_epoch} epochs): reusing it")
     elif start_epoch:
@@ -290,11 +296,11 @@ def _untempered_tails(cfg: ExperimentConfig, store: LogitStore, tau: float) -> N
                          f"masses, so at distill.tau={tau} its targets would spread the T=1 tail evenly and then temper it, "
                          "overstating the tail; rebuild it with `libkd precompute` (store.topk_taus including "
                          f"{tau}), use distill.tau=1, or accept it with --set distill.allow_untempered_tails=true")
-    sample = store.records(np.arange(min(store.num_samples, 4096)), 0, 0)
+    sample = store.records(np.arange(min(store.num_samples, 4096)), store.first_view, 0)
     tail = np.exp(sample["log_rest"].astype(np.float64))
     factor = (store.num_classes - store.manifest["topk"]) ** (1.0 - 1.0 / tau)
     print(f"note: untempered top-k tails at distill.tau={tau} (allowed by distill.allow_untempered_tails): the records' "
-          f"T=1 tail mass is {tail.mean():.4f} on average (max {tail.max():.4f}, {len(tail)} records of teacher 0, view 0); "
+          f"T=1 tail mass is {tail.mean():.4f} on average (max {tail.max():.4f}, {len(tail)} records of teacher 0, view {store.first_view}); "
           f"spreading it evenly before tempering overstates the tail's tempered mass by up to {factor:.2f}x "
           "(exact only when the tail is already uniform)", file=sys.stderr)
 

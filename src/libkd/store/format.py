@@ -2,10 +2,11 @@
 
     STORE/manifest.json            format, fingerprints, recipe, encoding, per-shard checksums
     STORE/shards/t{T}-{S:05d}.npy  records of teacher T for samples [start, stop) of shard S,
-                                   shape (views, stop - start), dtype from ``codec.record_dtype``
+                                   shape (views - first_view, stop - start), dtype from ``codec.record_dtype``
     STORE/shards/{S:05d}.done.json shard S's checksums (written last: the shard is complete)
 
-A record is keyed by (sample index, view); training at epoch e reads view e mod V.
+A record is keyed by (sample index, view); training at epoch e reads view e mod V. A store with ``first_view`` k
+(manifest field, 0 when absent) holds views k..V-1 only, for a run going on from epoch k.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class LogitStore:
                 )
         m = self.manifest
         self.views, self.shard_size = m["views"], m["shard_size"]
+        self.first_view: int = m.get("first_view", 0)  # views below it are not held (absent from older stores: 0)
         self.num_samples, self.num_classes = m["dataset"]["num_samples"], m["dataset"]["num_classes"]
         self.num_teachers = len(m["teachers"])
         self.taus: list[float] = m.get("topk_taus") or []  # absent from stores built before tempered tails
@@ -151,7 +153,7 @@ class LogitStore:
         entry = self.manifest["shards"][shard]
         path = shard_file(self.root, teacher, entry["index"])
         array = np.load(path, mmap_mode="r")
-        expected_shape = (self.views, entry["stop"] - entry["start"])
+        expected_shape = (self.views - self.first_view, entry["stop"] - entry["start"])
         if array.shape != expected_shape or array.dtype != self.dtype:
             raise StoreError(f"shard file '{path}' holds {array.shape} {array.dtype}, expected {expected_shape} {self.dtype}")
         self._open[key] = array
@@ -160,7 +162,7 @@ class LogitStore:
         return array
 
     def records_of_shard(self, shard: int, teacher: int) -> np.ndarray:
-        """Every view of one teacher's shard, (views, samples in the shard), as an array in memory."""
+        """Every held view of one teacher's shard, (views - first_view, samples in the shard), as an array in memory."""
         return np.array(self._shard(teacher, shard))
 
     def verify_checksums(self) -> list[str]:
@@ -179,6 +181,11 @@ class LogitStore:
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
             raise StoreError(f"sample index out of range for a store of {self.num_samples} samples")
         v = view % self.views
+        if v < self.first_view:
+            raise StoreError(f"store '{self.root}' holds views {self.first_view}..{self.views - 1} only (store.first_view="
+                             f"{self.first_view}, built for a run going on from epoch {self.first_view}), not view {v}; "
+                             f"build it with store.first_view={v} or lower (0: every view)")
+        v -= self.first_view
         out = np.empty(len(indices), dtype=self.dtype)
         shard_ids = indices // self.shard_size
         for shard in np.unique(shard_ids):

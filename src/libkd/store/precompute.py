@@ -112,6 +112,10 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         if problems:
             raise StoreError(f"'{root}' holds a store built from something else: " + "; ".join(problems)
                              + ". Use another store.path, or delete that folder to rebuild it")
+        if existing.get("first_view", 0) != cfg.store.first_view:
+            raise StoreError(f"'{root}' holds a store of views {existing.get('first_view', 0)}..{existing['views'] - 1} and this "
+                             f"build asks for views {cfg.store.first_view}..{cfg.store.views - 1} (store.first_view); set "
+                             f"store.first_view={existing.get('first_view', 0)} to finish it, or delete that folder to rebuild it")
         if existing.get("complete"):
             if rank == 0:
                 print(f"store '{root}' is already complete ({len(existing['shards'])} shards)")
@@ -131,7 +135,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             "dataset_classes": dataset.classes, "teacher_checkpoints": [t.path for t in teachers],
             "teacher_kinds": [teacher_kind(t.model) for t in teachers], "record_bytes": dtype.itemsize,
             "threads": torch.get_num_threads(), "compiled": cfg.store.compile,
-            "num_shards": num_shards,
+            "num_shards": num_shards, "first_view": cfg.store.first_view,
             "grown_from": None if source is None else {"path": str(source.root), "views": source.views},
         })
     barrier()
@@ -141,12 +145,12 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         for teacher in teachers:
             teacher.model = FixedBatch(torch.compile(teacher.model, dynamic=False), cfg.store.batch_size)
     mine = [s for s in range(rank, num_shards, world) if not done_file(root, s).is_file()]
-    shard_size, views = cfg.store.shard_size, cfg.store.views
+    shard_size, views, held_from = cfg.store.shard_size, cfg.store.views, cfg.store.first_view
     bounds = {s: (s * shard_size, min(len(dataset), (s + 1) * shard_size)) for s in mine}
-    first_view = source.views if source is not None else 0  # a grown store computes only the views its source lacks
+    first_new = source.views if source is not None else held_from  # a grown store computes only the views its source lacks
     # One loader over every (index, view) pair of this rank's shards, shard by shard, so the
     # pipeline never drains at a shard or view boundary; a shard is written once all its records are in.
-    pairs = [(i, v) for s in mine for v in range(first_view, views) for i in range(*bounds[s])]
+    pairs = [(i, v) for s in mine for v in range(first_new, views) for i in range(*bounds[s])]
     done_before = len(range(rank, num_shards, world)) - len(mine)
     if rank == 0 and done_before:
         print(f"resuming '{root}': {done_before} shard(s) already complete")
@@ -166,16 +170,16 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             rows = np.flatnonzero(indices // shard_size == shard)
             start, stop = bounds[int(shard)]
             if int(shard) not in pending:
-                pending[int(shard)] = [np.empty((views, stop - start), dtype=dtype) for _ in teachers]
-                if source is not None:
+                pending[int(shard)] = [np.empty((views - held_from, stop - start), dtype=dtype) for _ in teachers]
+                if source is not None:  # only ever a store of every view into one of every view
                     for t, array in enumerate(pending[int(shard)]):
-                        array[:first_view] = source.records_of_shard(int(shard), t)
-                    filled[int(shard)] = first_view * (stop - start)
+                        array[:first_new] = source.records_of_shard(int(shard), t)
+                    filled[int(shard)] = first_new * (stop - start)
             arrays = pending[int(shard)]
             for t, array in enumerate(arrays):
-                array[batch_views[rows], indices[rows] - start] = records[t][rows]
+                array[batch_views[rows] - held_from, indices[rows] - start] = records[t][rows]
             filled[int(shard)] = filled.get(int(shard), 0) + len(rows)
-            if filled[int(shard)] == views * (stop - start):
+            if filled[int(shard)] == (views - held_from) * (stop - start):
                 _write_shard(root, int(shard), start, stop, pending.pop(int(shard)), completed, num_shards)
                 completed += 1
                 if not on_terminal():  # the bar is off in a log: one line per shard instead
@@ -219,7 +223,13 @@ def _growth_source(cfg: ExperimentConfig, identity: dict[str, Any], augment: Rep
     """The complete smaller store named by ``store.grow_from``, checked to hold this very store's first views."""
     if not cfg.store.grow_from:
         return None
+    if cfg.store.first_view:
+        raise StoreError(f"store.grow_from '{cfg.store.grow_from}' with store.first_view={cfg.store.first_view}: a store of "
+                         "views from k is built from scratch (it holds none of a smaller store's first views); drop one")
     source = LogitStore(cfg.store.grow_from, verify="full")  # its records become ours: every checksum first
+    if source.first_view:
+        raise StoreError(f"store.grow_from '{source.root}' holds views {source.first_view}..{source.views - 1} only; "
+                         "grow a store that holds every view, or leave store.grow_from unset")
     old = source.views
     if old >= cfg.store.views:
         raise StoreError(f"store.grow_from '{source.root}' already has {old} views and this store asks for {cfg.store.views}; "
@@ -294,7 +304,7 @@ def verify_store(root: str | Path, samples: int, device: str = "cpu", seed: int 
     if problems:
         raise StoreError(f"store '{root}': " + "; ".join(problems) + ". Rebuild it with `libkd precompute` on this machine")
     rng = np.random.default_rng(seed)
-    picks = [(int(rng.integers(store.num_samples)), int(rng.integers(store.views))) for _ in range(samples)]
+    picks = [(int(rng.integers(store.num_samples)), int(rng.integers(store.first_view, store.views))) for _ in range(samples)]
     worst = 0.0
     mismatches = []
     images = torch.stack([augment(i, v).image for i, v in picks]).to(torch_device)

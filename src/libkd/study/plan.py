@@ -112,8 +112,9 @@ class StudyConfig(Section):
         return self
 
 
-# Store settings that change how a store is built, not what it holds: they never enter a store's key (its folder).
-HOW_BUILT = ("grow_from", "compile")
+# Store settings that change no record a store holds (how it is built; which of its views it keeps, first_view): they
+# never enter a store's key (its folder), so a run reads the same store path however its store was built.
+HOW_BUILT = ("grow_from", "compile", "first_view")
 INHERITED = ("base", "teachers", "store")  # what a study that extends another takes from it
 
 

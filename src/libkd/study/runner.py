@@ -13,6 +13,7 @@ from typing import Any
 
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, load_config
+from libkd.study.park import saved_epoch, unpark
 from libkd.study.plan import HOW_BUILT, RunSpec, StudyConfig, _log, _short_hash, _with, load_study
 from libkd.study.search import search
 from libkd.study.summary import summary_markdown
@@ -20,10 +21,6 @@ from libkd.study.summary import summary_markdown
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
 TEACHER_FILES = ("teacher.json", "metrics.jsonl", "config.yaml")
 TEACHER_WEIGHTS = "teacher.safetensors"
-# results/parked/runs/NAME (or tune/TRIAL): an unfinished run's resume state and its curve so far, committed so that
-# a fresh machine goes on from there (a run longer than one machine's session); removed once the run finishes.
-PARKED = "parked"
-PARKED_FILES = ("last_state.pt", "metrics.jsonl", "config.yaml")
 COMMIT_WEIGHTS_MAX_BYTES = 5 * 2**20  # a teacher this small goes into git with the results; a larger one is retrained
 
 TIMING_FLUSH_S = 60.0  # how often a running step's wall time is written to timings.json
@@ -166,13 +163,14 @@ class Study:
              f"(val top-1 {record.get('metrics', {}).get('val_top1', float('nan')):.2f}), not retraining")
 
     def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores", build: bool = True,
-                   views: int | None = None) -> str:
+                   views: int | None = None, first_view: int = 0) -> str:
         """Where the store for these data, recipe, seed and views lives (built and verified on first use when ``build``;
-        a store of more views than the study's is grown from the largest smaller one already built)."""
+        a store of more views than the study's is grown from the largest smaller one already built). A run going on
+        from a later epoch needs views from ``first_view`` only: a store missing there holds just those."""
         from libkd.store.precompute import precompute, verify_store
 
         if self.parent:  # the same teachers, data, recipe and store settings: the same store
-            return self.parent.store_path(base, seed, naive, where, build, views)
+            return self.parent.store_path(base, seed, naive, where, build, views, first_view)
 
         settings = self.cfg.store.model_copy(update={"views": views}) if views and not naive else self.cfg.store
         key = {"data": base.data.model_dump(mode="json"), "replay": None if naive else base.replay.model_dump(mode="json"),
@@ -187,9 +185,20 @@ class Study:
         if not build:
             return str(path)
         if not naive:
+            held_from = json.loads((path / "manifest.json").read_text()).get("first_view", 0) \
+                if (path / "manifest.json").is_file() else None
+            if held_from is not None and held_from > first_view:  # views this run reads are missing: a store of them all
+                _log(f"store {path.name} holds views {held_from}..{store.views - 1} only and this run reads view "
+                     f"{first_view}: rebuilding it")
+                shutil.rmtree(path)
+                self.verified.discard(str(path))
+            elif held_from is not None:
+                first_view = held_from  # every view the run reads is there: finish or reuse it as it was begun
+            store.first_view = first_view
             store.grow_from = _smaller_store(path, base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
         grown = f", grown from {Path(store.grow_from).name}" if store.grow_from else ""
-        _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'}{grown} -> {path}")
+        window = f" (views {store.first_view}..{store.views - 1} only: its run goes on from there)" if store.first_view else ""
+        _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'}{window}{grown} -> {path}")
         with self.timed(f"store {where}/{path.name}"):
             precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
         if str(path) not in self.verified:  # checksums, and a sample of records recomputed by the teachers
@@ -207,7 +216,10 @@ class Study:
                                                   "naive_store": spec.naive_store, "store": None})
         views = views or spec.views  # a search trial may ask for fewer: as many as it has epochs
         if spec.mode == "store":
-            distill.store = self.store_path(base, seed, spec.naive_store, stores, build, views)
+            held = views or self.cfg.store.views
+            done = saved_epoch(self, out) if build else 0  # unbuilt: only the store's path, its views unread here
+            first_view = min((e % held for e in range(done, base.train.epochs)), default=0)
+            distill.store = self.store_path(base, seed, spec.naive_store, stores, build, views, first_view)
         # Runs without a store replay the store's number of views, so every mode sees the same stream, unless they
         # ask for a fresh view every epoch.
         views = base.train.epochs if spec.fresh_views else views or self.cfg.store.views
@@ -223,7 +235,7 @@ class Study:
         from libkd.fileio import write_json_atomic
 
         out = Path(cfg.out)
-        parked = self.unpark(out)
+        parked = unpark(self, out)
         try:
             final = distill(cfg)  # a finished run is only checked against this config (a changed setting is refused) and reused
         except LibkdError as exc:
@@ -288,74 +300,6 @@ class Study:
         _log(f"summary over seeds and the claims: {summary}")
         return summary.with_name("report.md")
 
-    # ------------------------------------------------------------------ parking a run between machines
-
-    def parked_folder(self, out: Path) -> Path | None:
-        """Where the run (or search trial) training in ``out`` is parked: ``results/parked/`` and its place in OUT."""
-        return self.results / PARKED / Path(out).relative_to(self.out) if self.results else None
-
-    def unfinished(self) -> list[Path]:
-        """The folders of this study's runs (of ``only``, when set) and search trials with a saved epoch, unfinished."""
-        from libkd.distill import STATE_FILE
-
-        trials_file = self.results / "tune-trials.json" if self.results else None
-        landed_trials = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
-        folders = [self.out / "runs" / name for spec, _, name in self.planned_runs()
-                   if (self.only is None or spec.name in self.only) and not (self.out / "runs" / name / "student.eval.json").is_file()]
-        # trial folders are named stage{S}-{RUN}-{HASH}
-        folders += [trial for trial in sorted((self.out / "tune").glob("stage*")) if trial.name not in landed_trials
-                    and (self.only is None or trial.name.split("-", 1)[1].rsplit("-", 1)[0] in self.only)]
-        return [folder for folder in folders if (folder / STATE_FILE).is_file()]
-
-    def park(self) -> list[Path]:
-        """Copy the last saved epoch of every unfinished run and search trial to ``results/parked/``, with its curve so
-        far and the study's timings, for a fresh machine to go on from once committed; returns the parked folders."""
-        import torch
-
-        from libkd.distill import STATE_FILE
-        from libkd.engine import load_resume_state
-        from libkd.fileio import write_json_atomic
-
-        if self.results is None:
-            raise LibkdError("--park copies unfinished runs to the study's results folder, and this study sets no "
-                             "`results:`; set one (the folder committed with the study)")
-        parked = []
-        for out in self.unfinished():
-            target = self.parked_folder(out)
-            target.mkdir(parents=True, exist_ok=True)
-            for item in PARKED_FILES:  # each by temporary file and rename: a kill leaves the former copy whole
-                if (out / item).is_file():
-                    shutil.copy2(out / item, target / f"{item}.tmp")
-                    (target / f"{item}.tmp").replace(target / item)
-            epoch = load_resume_state(target / STATE_FILE, torch.device("cpu"))["epoch"]
-            epochs = load_config(out / "config.yaml").train.epochs
-            size = (target / STATE_FILE).stat().st_size
-            _log(f"parked {out.name} at epoch {epoch}/{epochs} ({size / 2**20:.1f} MiB) -> {target}: commit it, and "
-                 f"`libkd study` on another machine goes on from epoch {epoch}")
-            parked.append(target)
-        if parked and (self.out / "timings.json").is_file():  # the time the parked runs have spent so far
-            write_json_atomic(self.results / "timings.json", json.loads((self.out / "timings.json").read_text()))
-        if not parked:
-            _log("nothing to park: no unfinished run or trial with a saved epoch"
-                 + (f" among {', '.join(sorted(self.only))}" if self.only else ""))
-        return parked
-
-    def unpark(self, out: Path) -> Path | None:
-        """Put the state an earlier session parked for the run in ``out`` there when this machine has none of its own
-        (``distill`` then resumes from it, after checking it is the same run); returns where it came from."""
-        from libkd.distill import STATE_FILE
-
-        parked = self.parked_folder(out)
-        if parked is None or not (parked / STATE_FILE).is_file():
-            return None
-        if not (out / STATE_FILE).is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            for item in PARKED_FILES:
-                if (parked / item).is_file():
-                    shutil.copy2(parked / item, out / item)
-            _log(f"{out.name}: going on from the state parked in '{parked}' by an earlier session")
-        return parked
-
     # ------------------------------------------------------------------ report
 
     def landed_run(self, spec: RunSpec, seed: int, name: str) -> Path | None:
@@ -417,13 +361,14 @@ class Study:
 def _smaller_store(path: Path, cfg: ExperimentConfig) -> str | None:
     """The complete store beside ``path`` built from the same data, recipe, seed and store settings with the most
     views below ``cfg.store.views``: a larger store grows from it instead of recomputing its views."""
-    if (path / "manifest.json").is_file():
-        return None  # started already: precompute resumes it as it was begun
+    if (path / "manifest.json").is_file() or cfg.store.first_view:
+        return None  # started already (precompute resumes it as it was begun), or it holds none of the first views
     same = {"exclude": {"path", "views", "teachers", *HOW_BUILT}}
     best, best_views = None, 0
     for sibling in sorted(path.parent.glob("*/config.yaml")):
         manifest = sibling.parent / "manifest.json"
-        if sibling.parent == path or not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
+        if sibling.parent == path or not manifest.is_file() or not json.loads(manifest.read_text()).get("complete") \
+                or json.loads(manifest.read_text()).get("first_view"):
             continue
         other = load_config(sibling)
         if (other.seed, other.data, other.replay) != (cfg.seed, cfg.data, cfg.replay) or \

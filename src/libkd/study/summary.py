@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from libkd.study.park import parked_folder
 from libkd.study.plan import RunSpec
 from libkd.study.verdicts import _by_run, claims, gain_changes
 
@@ -27,7 +28,7 @@ def _not_landed(study: Study, spec: RunSpec) -> str:
 
     notes = []
     for seed in study.cfg.seeds[:spec.seeds]:
-        parked = study.parked_folder(study.out / "runs" / f"{spec.name}-s{seed}")
+        parked = parked_folder(study, study.out / "runs" / f"{spec.name}-s{seed}")
         if parked is None or not (parked / "metrics.jsonl").is_file():
             continue
         history = [json.loads(line) for line in (parked / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,110 @@
+"""Carrying an unfinished run between machines: ``libkd study CONFIG --park`` copies the last saved epoch of each
+unfinished run and search trial to ``results/parked/`` (committed with the results), and a fresh machine goes on from
+there (a run longer than one machine's session); the parked state is removed once its run finishes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from libkd import LibkdError
+from libkd.config import load_config
+from libkd.study.plan import _log
+
+if TYPE_CHECKING:
+    from libkd.study.runner import Study
+
+PARKED = "parked"  # results/parked/runs/NAME-sS or results/parked/tune/TRIAL: the folder's place in the study's OUT
+PARKED_FILES = ("last_state.pt", "metrics.jsonl", "config.yaml")
+
+
+def parked_folder(study: Study, out: Path) -> Path | None:
+    """Where the run (or search trial) training in ``out`` is parked (None: the study has no results folder, or ``out``
+    is outside the study's OUT, such as another study's run read as one of this study's)."""
+    if study.results is None or not Path(out).is_relative_to(study.out):
+        return None
+    return study.results / PARKED / Path(out).relative_to(study.out)
+
+
+def _state(folder: Path) -> Path:
+    """The resume state distill saves in ``folder`` (imported here: libkd.distill pulls in torch)."""
+    from libkd.distill import STATE_FILE
+
+    return folder / STATE_FILE
+
+
+def epochs_done(state: Path) -> int:
+    """The number of finished epochs a resume state (``last_state.pt``) holds."""
+    import torch
+
+    from libkd.engine import load_resume_state
+
+    return int(load_resume_state(state, torch.device("cpu"))["epoch"])
+
+
+def saved_epoch(study: Study, out: Path) -> int:
+    """Epochs done by the run training in ``out``: by its own saved state, else by the one an earlier session parked
+    for it (0: neither)."""
+    for folder in (out, parked_folder(study, out)):
+        if folder is not None and _state(folder).is_file():
+            return epochs_done(_state(folder))
+    return 0
+
+
+def unfinished(study: Study) -> list[Path]:
+    """The folders of the study's runs (of ``study.only``, when set) and search trials with a saved epoch, unfinished."""
+    trials_file = study.results / "tune-trials.json" if study.results else None
+    landed_trials = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
+    folders = [study.out / "runs" / name for spec, _, name in study.planned_runs()
+               if (study.only is None or spec.name in study.only) and not (study.out / "runs" / name / "student.eval.json").is_file()]
+    # trial folders are named stage{S}-{RUN}-{HASH}
+    folders += [trial for trial in sorted((study.out / "tune").glob("stage*")) if trial.name not in landed_trials
+                and (study.only is None or trial.name.split("-", 1)[1].rsplit("-", 1)[0] in study.only)]
+    return [folder for folder in folders if _state(folder).is_file()]
+
+
+def park(study: Study) -> list[Path]:
+    """Copy the last saved epoch of every unfinished run and search trial to ``results/parked/``, with its curve so far
+    and the study's timings, for a fresh machine to go on from once committed; returns the parked folders."""
+    from libkd.fileio import write_json_atomic
+
+    if study.results is None:
+        raise LibkdError("--park copies unfinished runs to the study's results folder, and this study sets no "
+                         "`results:`; set one (the folder committed with the study)")
+    parked = []
+    for out in unfinished(study):
+        target = parked_folder(study, out)
+        target.mkdir(parents=True, exist_ok=True)
+        for item in PARKED_FILES:  # each by temporary file and rename: a kill leaves the former copy whole
+            if (out / item).is_file():
+                shutil.copy2(out / item, target / f"{item}.tmp")
+                (target / f"{item}.tmp").replace(target / item)
+        epoch = epochs_done(_state(target))  # the copy's: the run may have saved another epoch since
+        epochs = load_config(out / "config.yaml").train.epochs
+        size = _state(target).stat().st_size
+        _log(f"parked {out.name} at epoch {epoch}/{epochs} ({size / 2**20:.1f} MiB) -> {target}: commit it, and "
+             f"`libkd study` on another machine goes on from epoch {epoch}")
+        parked.append(target)
+    if parked and (study.out / "timings.json").is_file():  # the time the parked runs have spent so far
+        write_json_atomic(study.results / "timings.json", json.loads((study.out / "timings.json").read_text()))
+    if not parked:
+        _log("nothing to park: no unfinished run or trial with a saved epoch"
+             + (f" among {', '.join(sorted(study.only))}" if study.only else ""))
+    return parked
+
+
+def unpark(study: Study, out: Path) -> Path | None:
+    """Put the state an earlier session parked for the run in ``out`` there when this machine has none of its own
+    (``distill`` then resumes from it, after checking it is the same run); returns where it came from."""
+    parked = parked_folder(study, out)
+    if parked is None or not _state(parked).is_file():
+        return None
+    if not _state(out).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        for item in PARKED_FILES:
+            if (parked / item).is_file():
+                shutil.copy2(parked / item, out / item)
+        _log(f"{out.name}: going on from the state parked in '{parked}' by an earlier session")
+    return parked
