@@ -358,6 +358,7 @@ class Study:
                     shutil.copy2(extra, results / extra.name)
         return study_md
 
+
 def _smaller_store(path: Path, cfg: ExperimentConfig) -> str | None:
     """The complete store beside ``path`` built from the same data, recipe, seed and store settings with the most
     views below ``cfg.store.views``: a larger store grows from it instead of recomputing its views."""
