@@ -18,7 +18,8 @@ from libkd.cli import main
 from libkd.config import ConfigError, load_config
 from libkd.data import build_dataset
 from libkd.distill import distill
-from libkd.study import Study, load_study, park, parked_folder, summary_markdown, unfinished
+from libkd.study import (Study, load_study, park, parked_folder, summary_markdown, unfinished,
+                         write_summary_training_nothing)
 
 TINY_TEACHER_TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0, "tensorboard": False}
 
@@ -254,6 +255,17 @@ def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tm
     assert len(trials) == 6 and all(t["config_sha"] for t in trials.values())
     last = record["stages"][2]["trials"][1]["trial"]
     del trials[last]
+    (tmp_path / "results" / "tune-trials.json").write_text(json.dumps(trials))
+    # What a --park writes meanwhile: the summary with the landed runs and the run's search half done, nothing trained.
+    capsys.readouterr()
+    assert write_summary_training_nothing(Study(load_study(config))) == tmp_path / "study" / "report" / "study.md"
+    assert "1 of 2 trials landed; the rest run with `--runs conv`" in (tmp_path / "results" / "study.md").read_text()
+    assert not list((tmp_path / "study" / "tune").glob("stage*")) and "running" not in capsys.readouterr().out
+    first = record["stages"][0]["trials"][0]["trial"]  # a global stage's trial missing: no summary, still nothing trained
+    (tmp_path / "results" / "tune-trials.json").write_text(json.dumps({k: v for k, v in trials.items() if k != first}))
+    assert write_summary_training_nothing(Study(load_study(config))) is None
+    assert f"study.md not rewritten: search trial {first} is not done" in capsys.readouterr().out
+    assert not list((tmp_path / "study" / "tune").glob("stage*")) and not (tmp_path / "study" / "stores").exists()
     (tmp_path / "results" / "tune-trials.json").write_text(json.dumps(trials))
     assert main(["study", str(config)]) == 0
     out = capsys.readouterr().out
@@ -546,6 +558,8 @@ def test_a_parked_run_goes_on_from_its_saved_epoch_on_a_fresh_machine(tmp_path, 
     parked = tmp_path / "a" / "results" / "parked" / "runs" / "both-s0"
     assert {p.name for p in parked.iterdir()} == {"last_state.pt", "metrics.jsonl", "config.yaml"}
     assert "run both-s0" in json.loads((tmp_path / "a" / "results" / "timings.json").read_text())
+    assert "| both | store | conv, inv | per-token | 0/1 | seed 0 parked at epoch 2/3 (" in \
+        (tmp_path / "a" / "results" / "study.md").read_text()  # the park rewrote the committed summary
 
     shutil.rmtree(tmp_path / "a" / "study")  # a fresh machine: only the committed results
     study = Study(load_study(config))

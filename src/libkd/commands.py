@@ -181,7 +181,8 @@ def report_cmd(args: argparse.Namespace) -> int:
                arg("--park", action="store_true",
                    help="train nothing: copy the last saved epoch (weights, optimiser, curve) of each unfinished run and "
                    "search trial to RESULTS/parked/, so that once committed a fresh machine goes on from there (for a "
-                   "run longer than a machine's session; safe beside a running study)")],
+                   "run longer than a machine's session; safe beside a running study), and rewrite study.md with "
+                   "how far each has come")],
     uses_config=False,
 )
 def study_cmd(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """Carrying an unfinished run between machines: ``libkd study CONFIG --park`` copies the last saved epoch of each
 unfinished run and search trial to ``results/parked/`` (committed with the results), and a fresh machine goes on from
-there (a run longer than one machine's session); the parked state is removed once its run finishes."""
+there (a run longer than one machine's session); the parked state is removed once its run finishes. The park also
+rewrites the study's summary, training nothing, so the committed study.md says how far each parked run has come."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ from typing import TYPE_CHECKING
 
 from libkd import LibkdError
 from libkd.config import load_config
-from libkd.study.plan import _log
+from libkd.study.plan import _log, _with
 
 if TYPE_CHECKING:
     from libkd.study.runner import Study
 
 PARKED = "parked"  # results/parked/runs/NAME-sS or results/parked/tune/TRIAL: the folder's place in the study's OUT
 PARKED_FILES = ("last_state.pt", "metrics.jsonl", "config.yaml")
+
+
+class TrainingNeeded(LibkdError):
+    """Raised by a study told to train nothing (``Study.dry``) at a step that would train: a teacher, a search trial
+    or a run not finished here."""
 
 
 def parked_folder(study: Study, out: Path) -> Path | None:
@@ -92,7 +98,24 @@ def park(study: Study) -> list[Path]:
     if not parked:
         _log("nothing to park: no unfinished run or trial with a saved epoch"
              + (f" among {', '.join(sorted(study.only))}" if study.only else ""))
+    else:
+        write_summary_training_nothing(study)
     return parked
+
+
+def write_summary_training_nothing(study: Study) -> Path | None:
+    """Rewrite the study's report and study.md (copied to its results) over the runs finished here or committed, with
+    the parked runs' progress, training nothing; None (logged) when a teacher or a global search stage is not done."""
+    study.dry = True  # a search stage of one run with trials still to go is shown as such (as for a run --runs leaves)
+    try:
+        study.train_teachers()
+        study.final_base = _with(study.base, study.tune())
+    except TrainingNeeded as exc:
+        _log(f"study.md not rewritten: {exc}")
+        return None
+    summary = study.write_results()
+    _log(f"summary rewritten with the parked runs: {summary}")
+    return summary
 
 
 def unpark(study: Study, out: Path) -> Path | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, load_config
-from libkd.study.park import saved_epoch, unpark
+from libkd.study.park import TrainingNeeded, saved_epoch, unpark
 from libkd.study.plan import HOW_BUILT, RunSpec, StudyConfig, _log, _short_hash, _with, load_study
 from libkd.study.search import search
 from libkd.study.summary import summary_markdown
@@ -53,6 +53,8 @@ class Study:
         self.own_search: dict[str, dict[str, Any]] = {}  # a study that extends another: its own stages' choices
         # whose teachers, stores and search
         self.parent = Study(load_study(cfg.extends), workers=workers) if cfg.extends else None
+        # Train nothing (a --park rewriting study.md): a step that would train raises TrainingNeeded instead.
+        self.dry = False
 
     @contextmanager
     def timed(self, key: str):
@@ -104,6 +106,7 @@ class Study:
 
         if self.parent:
             _log(f"teachers: those of '{self.cfg.extends}'")
+            self.parent.dry = self.dry
             self.parent.train_teachers()
             return
         for name, spec in self.cfg.teachers.items():
@@ -114,6 +117,8 @@ class Study:
             if landed is not None and (landed / TEACHER_WEIGHTS).is_file():
                 self._take_committed_teacher(name, teacher_cfg, landed)
                 continue
+            if self.dry and not (folder / TEACHER_WEIGHTS).is_file():
+                raise TrainingNeeded(f"teacher '{name}' is not trained yet")
             _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
             with self.timed(f"teacher {name}"):
                 train_teacher(teacher_cfg)
@@ -235,6 +240,8 @@ class Study:
         from libkd.fileio import write_json_atomic
 
         out = Path(cfg.out)
+        if self.dry:
+            raise TrainingNeeded(f"'{out}' is not finished")
         parked = unpark(self, out)
         try:
             final = distill(cfg)  # a finished run is only checked against this config (a changed setting is refused) and reused

@@ -8,6 +8,7 @@ import json
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from libkd.study.park import TrainingNeeded
 from libkd.study.plan import HOW_BUILT, TuneConfig, _log, _short_hash, _with
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
     done = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
     for s, stage in enumerate(tune.stages):
         spec = study.spec[stage.run]
-        waiting = study.only is not None and stage.scope == "run" and stage.run not in study.only
+        waiting = stage.scope == "run" and (study.dry or study.only is not None and stage.run not in study.only)
         if waiting:  # its landed trials are still shown; the rest run with the run they choose for
             study.unsearched.add(stage.run)
         trials, epochs = [], stage.epochs or tune.epochs
@@ -74,6 +75,8 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
                 continue
             if waiting:
                 continue
+            if study.dry:  # before run_config: it would build the trial's store
+                raise TrainingNeeded(f"search trial {name} is not done")
             cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", views=views)
             with study.timed(f"tune {name}"):
                 metrics = study.distill_and_evaluate(cfg, evaluate=False)
