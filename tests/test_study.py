@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from libkd import LibkdError
-from libkd.cli import main
+from libkd.cli import duration, main
 from libkd.config import ConfigError, load_config
 from libkd.data import build_dataset
 from libkd.distill import distill
-from libkd.study import (Study, load_study, park, parked_folder, summary_markdown, unfinished,
+from libkd.study import (ParkDeadline, Study, load_study, park, parked_folder, summary_markdown, unfinished,
                          write_summary_training_nothing)
 
 TINY_TEACHER_TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0, "tensorboard": False}
@@ -581,6 +581,63 @@ def test_a_parked_run_goes_on_from_its_saved_epoch_on_a_fresh_machine(tmp_path, 
     assert same[0].read_bytes() == same[1].read_bytes()
     assert main(["study", str(config), "--park"]) == 0
     assert "nothing to park" in capsys.readouterr().out
+
+
+def test_park_after_stops_at_the_deadline_parks_and_exits_75_and_ctrl_c_stays_ctrl_c(tmp_path, monkeypatch, capsys):
+    """--park-after D: the deadline stops the study as Ctrl-C would, after the epochs saved so far, parks the run (with
+    study.md saying how far it came) and exits 75; a user's own Ctrl-C under it is still an interrupt (130)."""
+    import libkd.distill
+
+    train = {"epochs": 3, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3, "warmup_epochs": 0, "tensorboard": False,
+             "eval_every": 1}
+    config = study_yaml(tmp_path, seeds=[0], runs=[{"name": "none", "mode": "none"}], base=_toy_base(tmp_path, train))
+    deadlines, save_epoch = [], libkd.distill._save_epoch
+    enter = ParkDeadline.__enter__
+    monkeypatch.setattr(ParkDeadline, "__enter__", lambda self: deadlines.append(self) or self)  # no timer: see below
+
+    def save_then_deadline(out, model, final, arch, optimizer, scheduler, scaler, epoch, *rest):
+        save_epoch(out, model, final, arch, optimizer, scheduler, scaler, epoch, *rest)
+        if epoch == 1 and "runs" in Path(out).parts:
+            deadlines[-1].stop()  # the deadline falls after the student's second epoch
+
+    monkeypatch.setattr(libkd.distill, "_save_epoch", save_then_deadline)
+    assert main(["study", str(config), "--park-after", "2h"]) == 75
+    out = capsys.readouterr().out
+    assert deadlines[-1].seconds == 7200 and "--park-after: 2.00 h reached" in out
+    assert "parked none-s0 at epoch 2/3" in out and "stopped by --park-after; parked: 1 run(s)" in out
+    assert "epoch 3/3" not in out  # stopped, not trained to the end
+    assert "seed 0 parked at epoch 2/3" in (tmp_path / "results" / "study.md").read_text()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # the user's Ctrl-C during the last epoch
+
+    monkeypatch.setattr(libkd.distill, "_save_epoch", interrupted)
+    assert main(["study", str(config), "--park-after", "2h"]) == 130
+    assert "stopped by --park-after" not in capsys.readouterr().out
+    # The real timer: it interrupts the main thread at the deadline, and a deadline not reached never fires.
+    monkeypatch.setattr(ParkDeadline, "__enter__", enter)
+    with pytest.raises(KeyboardInterrupt), ParkDeadline(0.2) as deadline:
+        for _ in range(200):
+            time.sleep(0.05)
+    assert deadline.reached
+    with ParkDeadline(0.2) as early:
+        pass
+    time.sleep(0.4)
+    assert not early.reached
+
+
+@pytest.mark.parametrize("text, seconds", [("5400", 5400), ("90s", 90), ("90m", 5400), ("1.5h", 5400),
+                                           ("2h30m", 9000), ("1h0m30s", 3630)])
+def test_durations_are_seconds_or_hours_and_minutes(text, seconds):
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["2 hours", "30m2h", "0", "-5m", "h", "nanh", ""])
+def test_a_bad_duration_is_refused_with_examples(text, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error
+        main(["study", "configs/digits-demo.yaml", f"--park-after={text}"])
+    assert stop.value.code == 2
+    assert f"'{text}' is not a duration: give seconds or hours/minutes, e.g. 5400, 90m" in capsys.readouterr().err
 
 
 def _toy_base(tmp_path: Path, train: dict) -> dict:

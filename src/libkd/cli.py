@@ -36,6 +36,25 @@ def arg(*names: str, **kwargs: Any) -> tuple[tuple, dict]:
     return names, kwargs
 
 
+def duration(text: str) -> float:
+    """Seconds in a wall-clock duration given as 5400, 5400s, 90m, 1.5h or 2h30m (an argparse ``type``)."""
+    units, rest, total = {"h": 3600.0, "m": 60.0, "s": 1.0}, text.strip().lower(), 0.0
+    if rest.replace(".", "", 1).isdigit():
+        rest += "s"
+    for unit, factor in units.items():
+        number, sep, after = rest.partition(unit)
+        if sep:
+            try:
+                total, rest = total + float(number) * factor, after
+            except ValueError:
+                rest = "?"
+                break
+    if rest or not 0 < total < float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration: give seconds or hours/minutes, e.g. 5400, 90m, "
+                                         "1.5h or 2h30m (more than zero)")
+    return total
+
+
 def command(name: str, help: str, arguments: list[tuple[tuple, dict]] | None = None, uses_config: bool = True):
     """Register ``fn(args)`` as the subcommand ``name`` (words separated by spaces, e.g. 'data info')."""
 

@@ -6,11 +6,12 @@ import argparse
 import json
 import time
 
-from libkd.cli import arg, command, experiment_config
+from libkd.cli import arg, command, duration, experiment_config
 from libkd.deploy.export import DEFAULT_OPSET as DEFAULT_OPSET_CLI
 from libkd.deploy.quantize import INT8_RECIPES
 
 INT8_NAMES = list(INT8_RECIPES)
+EXIT_PARKED = 75  # sysexits' EX_TEMPFAIL: stopped by --park-after with work left; the same command goes on
 
 
 def _data_override(args: argparse.Namespace):
@@ -182,17 +183,35 @@ def report_cmd(args: argparse.Namespace) -> int:
                    help="train nothing: copy the last saved epoch (weights, optimiser, curve) of each unfinished run and "
                    "search trial to RESULTS/parked/, so that once committed a fresh machine goes on from there (for a "
                    "run longer than a machine's session; safe beside a running study), and rewrite study.md with "
-                   "how far each has come")],
+                   "how far each has come"),
+               arg("--park-after", type=duration, metavar="DURATION",
+                   help="train for at most this wall time (e.g. 2h30m, 150m, 9000), then stop and --park what is "
+                   "unfinished, exiting with status 75 (a session or job slot that ends: leave it time to commit); "
+                   "the epoch under way is lost, every saved one kept")],
     uses_config=False,
 )
 def study_cmd(args: argparse.Namespace) -> int:
-    from libkd.study import Study, load_study, park, run_study
+    from libkd.study import ParkDeadline, Study, load_study, park, run_study
+
+    def parked() -> int:
+        return len(park(Study(load_study(args.config, args.overrides), args.runs, args.workers)))
 
     if args.park:
-        parked = park(Study(load_study(args.config, args.overrides), args.runs, args.workers))
-        print(f"parked: {len(parked)} run(s)")
+        print(f"parked: {parked()} run(s)")
         return 0
-    print(f"report: {run_study(args.config, args.overrides, args.runs, args.workers)}")
+    if args.park_after is None:
+        print(f"report: {run_study(args.config, args.overrides, args.runs, args.workers)}")
+        return 0
+    try:
+        with ParkDeadline(args.park_after) as deadline:
+            report = run_study(args.config, args.overrides, args.runs, args.workers)
+    except KeyboardInterrupt:
+        if not deadline.reached:  # the user's Ctrl-C, not the deadline's
+            raise
+        print(f"stopped by --park-after; parked: {parked()} run(s): commit the results folder, and the same "
+              "command goes on from there")
+        return EXIT_PARKED
+    print(f"report: {report}")
     return 0
 
 

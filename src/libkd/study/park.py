@@ -5,8 +5,10 @@ rewrites the study's summary, training nothing, so the committed study.md says h
 
 from __future__ import annotations
 
+import _thread
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,3 +133,27 @@ def unpark(study: Study, out: Path) -> Path | None:
                 shutil.copy2(parked / item, out / item)
         _log(f"{out.name}: going on from the state parked in '{parked}' by an earlier session")
     return parked
+
+
+class ParkDeadline:
+    """``libkd study --park-after``: at a wall-clock deadline, stop the study's training as Ctrl-C would (a
+    KeyboardInterrupt in the main thread: every file a stop can touch is written by temporary file and rename, so
+    nothing is lost but the epoch under way) for the caller to park what it was training."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.reached = seconds, False
+        self._timer = threading.Timer(seconds, self.stop)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "ParkDeadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._timer.cancel()
+
+    def stop(self) -> None:
+        """The deadline: interrupt the main thread (called by the timer; a test may call it at a chosen moment)."""
+        self.reached = True
+        _log(f"--park-after: {self.seconds / 3600:.2f} h reached, stopping the study to park what it trains")
+        _thread.interrupt_main()
