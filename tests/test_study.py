@@ -593,7 +593,7 @@ def test_park_after_stops_at_the_deadline_parks_and_exits_75_and_ctrl_c_stays_ct
     config = study_yaml(tmp_path, seeds=[0], runs=[{"name": "none", "mode": "none"}], base=_toy_base(tmp_path, train))
     deadlines, save_epoch = [], libkd.distill._save_epoch
     enter = ParkDeadline.__enter__
-    monkeypatch.setattr(ParkDeadline, "__enter__", lambda self: deadlines.append(self) or self)  # no timer: see below
+    monkeypatch.setattr(ParkDeadline, "__enter__", lambda self: deadlines.append(self) or enter(self))
 
     def save_then_deadline(out, model, final, arch, optimizer, scheduler, scaler, epoch, *rest):
         save_epoch(out, model, final, arch, optimizer, scheduler, scaler, epoch, *rest)
@@ -614,16 +614,21 @@ def test_park_after_stops_at_the_deadline_parks_and_exits_75_and_ctrl_c_stays_ct
     monkeypatch.setattr(libkd.distill, "_save_epoch", interrupted)
     assert main(["study", str(config), "--park-after", "2h"]) == 130
     assert "stopped by --park-after" not in capsys.readouterr().out
-    # The real timer: it interrupts the main thread at the deadline, and a deadline not reached never fires.
+    # The real timer interrupts the main thread at the deadline, also in a background job (`nohup ... &`), which
+    # ignores SIGINT; a deadline not reached never fires, and the signal's handler is restored.
     monkeypatch.setattr(ParkDeadline, "__enter__", enter)
-    with pytest.raises(KeyboardInterrupt), ParkDeadline(0.2) as deadline:
-        for _ in range(200):
-            time.sleep(0.05)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt), ParkDeadline(0.2) as deadline:
+            for _ in range(200):
+                time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert deadline.reached
     with ParkDeadline(0.2) as early:
         pass
     time.sleep(0.4)
-    assert not early.reached
+    assert not early.reached and signal.getsignal(ParkDeadline.SIGNAL) != early._raise
 
 
 @pytest.mark.parametrize("text, seconds", [("5400", 5400), ("90s", 90), ("90m", 5400), ("1.5h", 5400),

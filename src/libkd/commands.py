@@ -191,7 +191,7 @@ def report_cmd(args: argparse.Namespace) -> int:
     uses_config=False,
 )
 def study_cmd(args: argparse.Namespace) -> int:
-    from libkd.study import ParkDeadline, Study, load_study, park, run_study
+    from libkd.study import DeadlineReached, ParkDeadline, Study, load_study, park, run_study
 
     def parked() -> int:
         return len(park(Study(load_study(args.config, args.overrides), args.runs, args.workers)))
@@ -203,11 +203,9 @@ def study_cmd(args: argparse.Namespace) -> int:
         print(f"report: {run_study(args.config, args.overrides, args.runs, args.workers)}")
         return 0
     try:
-        with ParkDeadline(args.park_after) as deadline:
+        with ParkDeadline(args.park_after):
             report = run_study(args.config, args.overrides, args.runs, args.workers)
-    except KeyboardInterrupt:
-        if not deadline.reached:  # the user's Ctrl-C, not the deadline's
-            raise
+    except DeadlineReached:  # a Ctrl-C of the user's is still an interrupt
         print(f"stopped by --park-after; parked: {parked()} run(s): commit the results folder, and the same "
               "command goes on from there")
         return EXIT_PARKED

@@ -8,9 +8,10 @@ from __future__ import annotations
 import _thread
 import json
 import shutil
+import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from libkd import LibkdError
 from libkd.config import load_config
@@ -135,25 +136,41 @@ def unpark(study: Study, out: Path) -> Path | None:
     return parked
 
 
+class DeadlineReached(KeyboardInterrupt):
+    """Raised in the main thread when a ``ParkDeadline`` falls (a KeyboardInterrupt, so that everything a Ctrl-C
+    unwinds, such as data-loading processes and timings, unwinds alike)."""
+
+
 class ParkDeadline:
-    """``libkd study --park-after``: at a wall-clock deadline, stop the study's training as Ctrl-C would (a
-    KeyboardInterrupt in the main thread: every file a stop can touch is written by temporary file and rename, so
-    nothing is lost but the epoch under way) for the caller to park what it was training."""
+    """``libkd study --park-after``: at a wall-clock deadline, stop the study's training as Ctrl-C would (every file
+    a stop can touch is written by temporary file and rename, so nothing is lost but the epoch under way) by raising
+    DeadlineReached in the main thread, for the caller to park what it was training.
+
+    The timer reaches the main thread through SIGUSR1's Python handler, not SIGINT's: a job started in the background
+    (``nohup ... &``) ignores SIGINT, and Python then delivers no simulated SIGINT either."""
+
+    SIGNAL = getattr(signal, "SIGUSR1", signal.SIGINT)  # SIGINT where there is no SIGUSR1 (Windows)
 
     def __init__(self, seconds: float):
         self.seconds, self.reached = seconds, False
         self._timer = threading.Timer(seconds, self.stop)
         self._timer.daemon = True
+        self._previous: Any = None
 
     def __enter__(self) -> "ParkDeadline":
+        self._previous = signal.signal(self.SIGNAL, self._raise)  # the main thread's: a study runs there
         self._timer.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._timer.cancel()
+        signal.signal(self.SIGNAL, self._previous)
 
     def stop(self) -> None:
-        """The deadline: interrupt the main thread (called by the timer; a test may call it at a chosen moment)."""
-        self.reached = True
+        """The deadline (called by the timer): have the main thread raise DeadlineReached at its next step."""
         _log(f"--park-after: {self.seconds / 3600:.2f} h reached, stopping the study to park what it trains")
-        _thread.interrupt_main()
+        _thread.interrupt_main(self.SIGNAL)
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        self.reached = True
+        raise DeadlineReached
