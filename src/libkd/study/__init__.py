@@ -9,8 +9,8 @@ or is skipped when complete, so a killed study is resumed by running the same co
 ``results:`` set, the small files of each finished run are copied there as it finishes.
 """
 
-from libkd.study.park import (PARKED, PARKED_FILES, DeadlineReached, ParkDeadline, TrainingNeeded, park, parked_folder, unfinished,
-                              unpark, write_summary_training_nothing)
+from libkd.study.park import (PARKED, PARKED_FILES, DeadlineReached, ParkDeadline, TrainingNeeded, park, parked_folder,
+                              unfinished, unpark, write_summary_training_nothing)
 from libkd.study.plan import INHERITED, RunSpec, StudyConfig, TeacherSpec, TuneConfig, TuneStage, load_study
 from libkd.study.runner import (COMMIT_WEIGHTS_MAX_BYTES, RESULT_FILES, TEACHER_FILES, TEACHER_WEIGHTS, Study, run_study)
 from libkd.study.search import search
@@ -20,9 +20,9 @@ from libkd.study.verdicts import (FAILS, HOLDS, NOISE_RULE, UNTESTED, WITHIN, be
 
 __all__ = [
     "COMMIT_WEIGHTS_MAX_BYTES", "FAILS", "HOLDS", "INHERITED", "NOISE_RULE", "PARKED", "PARKED_FILES", "RESULT_FILES",
-    "TEACHER_FILES", "TEACHER_WEIGHTS", "UNTESTED", "WITHIN", "DeadlineReached", "ParkDeadline", "RunSpec", "Study", "StudyConfig",
-    "TeacherSpec", "TrainingNeeded", "TuneConfig", "TuneStage", "beats", "claims", "equivalent", "gain_changes",
-    "load_study", "noise_threshold", "park", "parked_folder", "pooled_sd", "run_study", "search", "seed_noise",
-    "summary_markdown", "training_table", "tuning_table", "unfinished", "unpark", "weakest",
+    "TEACHER_FILES", "TEACHER_WEIGHTS", "UNTESTED", "WITHIN", "DeadlineReached", "ParkDeadline", "RunSpec", "Study",
+    "StudyConfig", "TeacherSpec", "TrainingNeeded", "TuneConfig", "TuneStage", "beats", "claims", "equivalent",
+    "gain_changes", "load_study", "noise_threshold", "park", "parked_folder", "pooled_sd", "run_study", "search",
+    "seed_noise", "summary_markdown", "training_table", "tuning_table", "unfinished", "unpark", "weakest",
     "write_summary_training_nothing",
 ]
