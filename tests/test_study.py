@@ -18,7 +18,7 @@ from libkd.cli import duration, main
 from libkd.config import ConfigError, load_config
 from libkd.data import build_dataset
 from libkd.distill import distill
-from libkd.study import (ParkDeadline, Study, load_study, park, parked_folder, summary_markdown, unfinished,
+from libkd.study import (DeadlineReached, ParkDeadline, Study, load_study, park, parked_folder, summary_markdown, unfinished,
                          write_summary_training_nothing)
 
 TINY_TEACHER_TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0, "tensorboard": False}
@@ -619,16 +619,17 @@ def test_park_after_stops_at_the_deadline_parks_and_exits_75_and_ctrl_c_stays_ct
     monkeypatch.setattr(ParkDeadline, "__enter__", enter)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with pytest.raises(KeyboardInterrupt), ParkDeadline(0.2) as deadline:
+        with pytest.raises(DeadlineReached), ParkDeadline(0.2):
             for _ in range(200):
                 time.sleep(0.05)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert deadline.reached
+    capsys.readouterr()
     with ParkDeadline(0.2) as early:
         pass
     time.sleep(0.4)
-    assert not early.reached and signal.getsignal(ParkDeadline.SIGNAL) != early._raise
+    assert "h reached" not in capsys.readouterr().out  # its timer was cancelled
+    assert signal.getsignal(ParkDeadline.SIGNAL) != early._raise
 
 
 @pytest.mark.parametrize("text, seconds", [("5400", 5400), ("90s", 90), ("90m", 5400), ("1.5h", 5400),

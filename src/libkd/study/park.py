@@ -109,7 +109,10 @@ def park(study: Study) -> list[Path]:
 def write_summary_training_nothing(study: Study) -> Path | None:
     """Rewrite the study's report and study.md (copied to its results) over the runs finished here or committed, with
     the parked runs' progress, training nothing; None (logged) when a teacher or a global search stage is not done."""
-    study.dry = True  # a search stage of one run with trials still to go is shown as such (as for a run --runs leaves)
+    extended = study
+    while extended is not None:  # a study that extends another trains that one's teachers and search through it
+        extended.dry = True  # a search stage of one run with trials to go is shown as such (as for a run --runs leaves)
+        extended = extended.parent
     try:
         study.train_teachers()
         study.final_base = _with(study.base, study.tune())
@@ -152,7 +155,7 @@ class ParkDeadline:
     SIGNAL = getattr(signal, "SIGUSR1", signal.SIGINT)  # SIGINT where there is no SIGUSR1 (Windows)
 
     def __init__(self, seconds: float):
-        self.seconds, self.reached = seconds, False
+        self.seconds = seconds
         self._timer = threading.Timer(seconds, self.stop)
         self._timer.daemon = True
         self._previous: Any = None
@@ -172,5 +175,4 @@ class ParkDeadline:
         _thread.interrupt_main(self.SIGNAL)
 
     def _raise(self, signum: int, frame: Any) -> None:
-        self.reached = True
         raise DeadlineReached

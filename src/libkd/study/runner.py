@@ -106,7 +106,6 @@ class Study:
 
         if self.parent:
             _log(f"teachers: those of '{self.cfg.extends}'")
-            self.parent.dry = self.dry
             self.parent.train_teachers()
             return
         for name, spec in self.cfg.teachers.items():
