@@ -44,8 +44,8 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
             _log(f"settings search: reusing {landed} (committed by an earlier session): {record['chosen']}")
             into.update(record.get("chosen_by_run", {}))
             return record["chosen"]
-        _log(f"settings search: {landed} searched another grid ({len(record['stages'])} stages, the config has "
-             f"{len(tune.stages)}); searching this one, reusing each landed trial whose config matches")
+        _log(f"settings search: {landed} searched another grid; searching this one, reusing each landed trial whose "
+             "config matches")
         record = []
     # Trials an earlier session finished (the search takes hours here): each reused when its whole config matches.
     trials_file = study.results / "tune-trials.json" if study.results else None
