@@ -497,6 +497,16 @@ def test_runs_trains_only_the_named_runs_and_leaves_the_others_and_their_searche
     record = json.loads((tmp_path / "split-results" / "tuning.json").read_text())
     lr = max(record["stages"][0]["trials"], key=lambda t: t["holdout_top1"])["overrides"]["train.lr"]
     assert load_config(tmp_path / "split" / "runs" / "searched-s0" / "config.yaml").train.lr == lr
+    # Its trials trained here: an invocation that trains nothing for it (a --park summary, --runs of another run)
+    # still counts them, from the trials file, and shows the stage decided.
+    for again in (lambda: main(["study", str(child), "--runs", "small"]) == 0,
+                  lambda: write_summary_training_nothing(Study(load_study(child))) is not None):
+        assert again()
+        out = capsys.readouterr().out
+        assert "trials landed" not in out and out.count("trial stage0-searched-") == 2 and "running" not in out
+        summary = (tmp_path / "split-results" / "study.md").read_text()
+        assert "trials landed" not in summary
+        assert re.search(rf"^\| 0 \| searched \(its own\) \| train\.lr={lr} \| [0-9.]+ \| yes \|$", summary, re.M), summary
     assert main(["study", str(child), "--runs", "nothing"]) == 2
     assert "--runs names nothing, not a run of this study; its runs are small, searched" in capsys.readouterr().err
 

@@ -69,9 +69,12 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
             cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", build=False, views=views)
             config_sha = _short_hash(cfg.model_dump(mode="json", exclude={"out": True, "distill": {"store": True, "teachers": True},
                                                                            "store": set(HOW_BUILT)}))
-            landed = done.get(name)
-            if landed and landed["config_sha"] == config_sha and not (out / "student.safetensors").is_file():
-                _log(f"trial {name}: done, reusing it (from {trials_file}, committed by an earlier session)")
+            landed, here = done.get(name), (out / "student.safetensors").is_file()
+            # A trial trained here is reused through its run folder below; an invocation that trains nothing for
+            # this stage (a --park summary, another run's --runs) takes it from the trials file all the same.
+            if landed and landed["config_sha"] == config_sha and (waiting or not here):
+                _log(f"trial {name}: done, reusing it" +
+                     ("" if here else f" (from {trials_file}, committed by an earlier session)"))
                 trials.append({k: landed[k] for k in ("trial", "overrides", "holdout_top1")})
                 continue
             if waiting:
