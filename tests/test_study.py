@@ -249,6 +249,7 @@ def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tm
     assert main(["study", str(config)]) == 0
     assert f"settings search: reusing {tmp_path / 'results' / 'tuning.json'}" in capsys.readouterr().out
     assert not (tmp_path / "study" / "tune").exists()
+    assert "Settings search" in (tmp_path / "results" / "study.md").read_text()  # the summary still shows it
     # A search cut short (a session ended mid-search): the trials that landed are reused, the rest are run.
     (tmp_path / "results" / "tuning.json").unlink()
     trials = json.loads((tmp_path / "results" / "tune-trials.json").read_text())

@@ -85,6 +85,8 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
             f"{kind}s {seconds / 60:.0f} min" for kind, seconds in spent.items())
                   + f"; {sum(spent.values()) / 3600:.2f} h in all (`{study.out}/timings.json`)."]
     tuning = study.out / "tune" / "tuning.json"
+    if not tuning.is_file() and study.results:  # a fresh machine reuses the committed search without running it
+        tuning = study.results / "tuning.json"
     if tuning.is_file():
         lines += ["", "## Settings search (held-out part of the training images, never the test split)", "",
                   *tuning_table(json.loads(tuning.read_text()))]
