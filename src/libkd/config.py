@@ -218,8 +218,8 @@ class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
-    # distill: score the validation split every N epochs and after the last (scoring a large test
-    # split every epoch can cost as much as a small training epoch).
+    # Score the validation split every N epochs and after the last (scoring a large test split every
+    # epoch can cost as much as a small training epoch); a teacher's checkpoint is saved when it is scored.
     eval_every: int = Field(1, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)

@@ -22,7 +22,7 @@ from libkd.distributed import barrier, setup
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
 from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, seed_everything,
-                          save_resume_state, train_one_epoch, write_history)
+                          save_resume_state, train_one_epoch, worker_init, write_history)
 from libkd.evaluate import collect, score
 from libkd.models import count_parameters, create_model, save_checkpoint
 
@@ -58,16 +58,23 @@ class SoftTargets(torch.utils.data.Dataset):
         return image, target
 
 
-def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec: dict[str, Any], rank: int = 0, world: int = 1):
+def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec: dict[str, Any], rank: int = 0, world: int = 1,
+             pin: bool = False):
     size, crop_pct, mean, std = spec["input_size"], spec["crop_pct"], spec["mean"], spec["std"]
     generator = torch.Generator()
     batch = cfg.train.batch_size // world  # train.batch_size is the global batch
+    workers = cfg.train.workers
+    # Workers that live across epochs: restarting them every epoch costs more than a small data set's epoch on a GPU.
+    # Only where no worker-side random state decides a batch (replayed views are keyed by (sample, view), evaluation
+    # is deterministic), so a resumed run still draws what an uninterrupted one draws.
+    keep = {"num_workers": workers, "persistent_workers": workers > 0, "worker_init_fn": worker_init if workers else None,
+            "pin_memory": pin}
     if cfg.augment.replay:
         replay = ReplayDataset(ReplayAugment(train, cfg.replay, cfg.seed, size, mean, std, crop_pct))
         sampler = ReplaySampler(len(train), cfg.seed, rank=rank, world=world)
         train_loader = torch.utils.data.DataLoader(
             SoftTargets(replay, train.num_classes), sampler=sampler,
-            batch_size=batch, drop_last=len(sampler) > batch, num_workers=cfg.train.workers)
+            batch_size=batch, drop_last=len(sampler) > batch, **keep)
     elif world > 1:
         sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                                       drop_last=True)
@@ -81,9 +88,7 @@ def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec
             num_workers=cfg.train.workers, generator=generator, persistent_workers=False,
         )
     val_loader = torch.utils.data.DataLoader(
-        TransformedDataset(val, eval_transform(size, crop_pct, mean, std)),
-        batch_size=cfg.train.eval_batch_size, num_workers=cfg.train.workers,
-    )
+        TransformedDataset(val, eval_transform(size, crop_pct, mean, std)), batch_size=cfg.train.eval_batch_size, **keep)
     return train_loader, val_loader, generator
 
 
@@ -109,7 +114,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
                          pretrained=cfg.teacher.pretrained, **cfg.teacher.kwargs).to(device)
     arch = {"name": cfg.teacher.name, "num_classes": train.num_classes, "cifar_stem": cfg.teacher.cifar_stem,
             "kwargs": cfg.teacher.kwargs}
-    train_loader, val_loader, generator = _loaders(cfg, train, val, spec, rank, world)
+    train_loader, val_loader, generator = _loaders(cfg, train, val, spec, rank, world, pin=device.type == "cuda")
     steps = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
@@ -150,22 +155,26 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
             train_loader.sampler.set_epoch(epoch)  # a new order (and replayed view) every epoch
         stats = train_one_epoch(trained, train_loader, step, optimizer, scheduler, scaler, device, cfg.train,
                                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
-        scores = score(collect(model, val_loader, device, cfg.train.amp), train.classes, full=False)
-        stats.update(val_top1=scores["top1"], val_top5=scores["top5"], val_loss=scores["loss"])
-        stats["epoch"] = epoch + 1
+        stats.update(epoch=epoch + 1, val_top1=None, val_top5=None, val_loss=None)  # as distill's history: None when unscored
+        scored = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
+        if scored:
+            scores = score(collect(model, val_loader, device, cfg.train.amp), train.classes, full=False)
+            stats.update(val_top1=scores["top1"], val_top5=scores["top5"], val_loss=scores["loss"])
         history.append(stats)
         if rank != 0:  # every rank scores the whole validation split (same weights); rank 0 writes
             barrier()
             continue
         if writer is not None:
             for key in ("train_loss", "val_top1", "val_top5", "val_loss", "lr", "images_per_s"):
-                writer.add_scalar(key, stats[key], epoch + 1)
+                if stats[key] is not None:
+                    writer.add_scalar(key, stats[key], epoch + 1)
             writer.flush()
-        log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  val top-1 {stats['val_top1']:.2f}  "
-              f"top-5 {stats['val_top5']:.2f}  {stats['images_per_s']:.0f} img/s")
+        scores_line = f"  val top-1 {stats['val_top1']:.2f}  top-5 {stats['val_top5']:.2f}" if scored else ""
+        log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}{scores_line}  {stats['images_per_s']:.0f} img/s")
         with disk_full_is_an_error(f"saving epoch {epoch + 1} in '{out}' failed; the state of epoch {epoch} is intact. "
                                    "Free space and rerun the same command to resume"):
-            _save_teacher(model, out, arch, spec, train, stats, cfg)
+            if scored:  # the checkpoint carries the scores it was saved with
+                _save_teacher(model, out, arch, spec, train, stats, cfg)
             save_resume_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "identity": identity}, state_path)
             write_history(out, history)

@@ -11,8 +11,8 @@ from typing import Any, Literal, Union
 
 from pydantic import Field, model_validator
 
-from libkd.config import (AugmentConfig, ConfigError, ExperimentConfig, ModelConfig, Section, StoreConfig, TrainConfig, apply_override,
-                          load_config, validate_config)
+from libkd.config import (AugmentConfig, ConfigError, ExperimentConfig, ModelConfig, ReplayConfig, Section, StoreConfig, TrainConfig,
+                          apply_override, load_config, validate_config)
 
 
 class TeacherSpec(Section):
@@ -21,6 +21,9 @@ class TeacherSpec(Section):
     teacher: ModelConfig
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
+    # The views the teacher trains on when augment.replay is true (None: the study's base replay recipe, the
+    # student's). A teacher's recipe is its own: stronger augmentation suits a CNN trained alone for long.
+    replay: ReplayConfig | None = None
 
 
 class RunSpec(Section):

@@ -110,6 +110,7 @@ class Study:
             return
         for name, spec in self.cfg.teachers.items():
             teacher_cfg = self.base.model_copy(update={"teacher": spec.teacher, "augment": spec.augment, "train": spec.train,
+                                                       "replay": spec.replay or self.base.replay,
                                                        "seed": self.cfg.seeds[0], "out": str(self.out / "teachers" / name)})
             folder = Path(teacher_cfg.out)
             landed = self.results / "teachers" / name if self.results else None
@@ -147,7 +148,8 @@ class Study:
         from libkd.fileio import sha256_file
 
         folder = Path(teacher_cfg.out)
-        _check_landed(landed, teacher_cfg, ("seed", "teacher", "augment", "train", "data"))
+        _check_landed(landed, teacher_cfg, ("seed", "teacher", "augment", "train", "data")
+                      + (("replay",) if teacher_cfg.augment.replay else ()))
         record = json.loads((landed / "teacher.json").read_text())
         theirs = record["weights_sha256"]
         if sha256_file(landed / TEACHER_WEIGHTS) != theirs:
