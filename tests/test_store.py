@@ -151,6 +151,74 @@ def test_verify_passes_then_catches_a_tampered_record(tmp_path, teachers, capsys
         verify_store(cfg.store.path, 48)
 
 
+def _noisy_recomputation(monkeypatch, relative: float, tamper: float = 0.0):
+    """Recompute the probe's records with noise of ``relative`` x the logits' scale (what another reduction order,
+    cuDNN algorithm or TF32 gives on a GPU), on the CPU; ``tamper`` moves one class of every record by that much."""
+    real = precompute_module.teacher_logits
+
+    def noisy(*args, **kwargs):
+        out = []
+        for logits in real(*args, **kwargs):
+            scale = logits.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
+            signs = torch.randint(0, 2, logits.shape, generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+            moved = logits + relative * scale * signs
+            moved[:, 0] += tamper
+            out.append(moved)
+        return out
+
+    monkeypatch.setattr(precompute_module, "teacher_logits", noisy)
+
+
+def _built_on(root: str, device: str | None) -> None:
+    path = Path(root) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if device is None:
+        manifest.pop("built_on")
+    else:
+        manifest["built_on"] = {"device": device}
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "topk"])
+def test_probe_tolerance_follows_the_build_device_and_still_catches_a_tamper(tmp_path, teachers, monkeypatch, encoding):
+    extra = ["store.encoding=topk", "store.topk=2"] if encoding == "topk" else []
+    cfg = config(tmp_path, teachers, *extra)
+    precompute(cfg)
+    assert json.loads((Path(cfg.store.path) / "manifest.json").read_text())["built_on"] == {"device": "cpu"}
+    gpu_noise = 0.75 * precompute_module.DEVICE_NOISE["cuda"]  # GPU-sized, below the CUDA allowance
+    _noisy_recomputation(monkeypatch, gpu_noise)
+    with pytest.raises(StoreError, match="recomputed records differ"):
+        verify_store(cfg.store.path, 16)  # built on the CPU: that much noise is a difference
+    _built_on(cfg.store.path, "cuda")
+    assert verify_store(cfg.store.path, 16)["max_abs_diff"] > 0  # built on a GPU: the same noise passes
+    _built_on(cfg.store.path, None)
+    verify_store(cfg.store.path, 16)  # a store that does not say where it was built is given the GPU's allowance
+    # A tamper just above the allowance: every record's class 0 moved by 1.5x the largest tolerance it could get.
+    scale = 12.0  # above any logit of these untrained teachers (checked below), so the bound holds for every record
+    _noisy_recomputation(monkeypatch, 0.0)
+    assert verify_store(cfg.store.path, 16)["max_abs_diff"] < 1e-2
+    stored = LogitStore(cfg.store.path).records(np.arange(8), 0, 0)["logits" if encoding == "fp16" else "values"]
+    assert np.abs(stored.astype(np.float32)).max() < scale
+    bound = precompute_module.probe_tolerance(scale, torch.full((4,), scale), precompute_module.DEVICE_NOISE["cuda"])
+    _noisy_recomputation(monkeypatch, 0.0, tamper=1.5 * bound)
+    with pytest.raises(StoreError, match="recomputed records differ"):
+        verify_store(cfg.store.path, 16)
+
+
+def test_topk_record_error_ignores_a_near_tie_ordered_the_other_way():
+    from libkd.store.codec import record_error
+
+    logits = torch.tensor([4.0, 1.0, 1.0 + 1e-4, -2.0, 0.5])
+    record = encode(logits[None], "topk", 2, [2.0, 3.0])[0]  # keeps classes 0 and 2
+    swapped = logits.clone()
+    swapped[1], swapped[2] = 1.0 + 1e-4, 1.0  # the recomputation puts class 1 in the top 2 instead
+    diff, _ = record_error(record, swapped, [2.0, 3.0])
+    assert diff < 1e-3
+    tampered = record.copy()
+    tampered["log_rest_tau"] = tampered["log_rest_tau"] + 0.1
+    assert record_error(tampered, logits, [2.0, 3.0])[0] > 0.09
+
+
 def test_store_info_cli(tmp_path, teachers, capsys):
     cfg = config(tmp_path, teachers)
     precompute(cfg)

@@ -15,6 +15,7 @@ A record is one NumPy structured scalar, so a shard is one memory-mappable array
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -94,3 +95,38 @@ def decode(records: np.ndarray, num_classes: int, tau: float = 1.0, taus: Sequen
     log_z = torch.logsumexp(torch.cat([top, log_tail.unsqueeze(1)], 1), dim=1, keepdim=True)
     fill = (log_tail.unsqueeze(1) - np.log(num_classes - k) - log_z).expand(-1, num_classes).clone()
     return fill.scatter_(1, indices, top - log_z) * tau
+
+
+def fp16_quantum(magnitude: float) -> float:
+    """The spacing of float16 values at ``magnitude`` (its subnormal spacing below 2**-14)."""
+    return 2.0 ** (math.floor(math.log2(max(magnitude, 2.0**-14))) - 10)
+
+
+def record_error(record: np.ndarray, logits: torch.Tensor, taus: Sequence[float] = ()) -> tuple[float, float]:
+    """How far a stored record is from the record ``logits`` (C,) give: (max abs difference, the magnitude of the
+    compared values, which sets the fp16 quantum).
+
+    A top-k record is compared at its own classes (its values against the fresh log-probabilities there, its tempered
+    tails against the fresh mass outside them), so a near tie that the recomputation orders the other way is not a
+    difference; its ``log_rest`` is a function of its stored fp16 values and is checked against them.
+    """
+    names = record.dtype.names
+    fresh = logits.detach().float().cpu()
+    if names == ("logits",):
+        stored = torch.from_numpy(np.asarray(record["logits"], dtype=np.float32))
+        return (stored - fresh).abs().max().item(), max(stored.abs().max().item(), fresh.abs().max().item())
+    logp = torch.log_softmax(fresh, dim=0)
+    values = torch.from_numpy(np.asarray(record["values"], dtype=np.float32))
+    indices = torch.from_numpy(np.asarray(record["indices"]).astype(np.int64))
+    diffs = [(values - logp[indices]).abs().max().item()]
+    compared = [values.abs().max().item()]
+    if len(indices) < len(fresh):
+        kept = values.exp().sum().clamp(max=1.0)
+        rest = torch.log1p(-kept.clamp(max=1 - 1e-7)).item()
+        diffs.append(abs(float(record["log_rest"]) - rest))
+        tail = logp.scatter(0, indices, -float("inf"))
+        for column, tau in enumerate(taus if "log_rest_tau" in names else ()):
+            expected = torch.logsumexp(tail / tau, dim=0).item()
+            diffs.append(abs(float(np.asarray(record["log_rest_tau"])[column]) - expected))
+            compared.append(abs(expected))
+    return max(diffs), max(compared)

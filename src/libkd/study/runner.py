@@ -21,7 +21,7 @@ from libkd.study.summary import summary_markdown
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
 TEACHER_FILES = ("teacher.json", "metrics.jsonl", "config.yaml")
 TEACHER_WEIGHTS = "teacher.safetensors"
-COMMIT_WEIGHTS_MAX_BYTES = 5 * 2**20  # a teacher this small goes into git with the results; a larger one is retrained
+COMMIT_WEIGHTS_MAX_BYTES = 8 * 2**20  # a teacher this small goes into git with the results; a larger one is retrained
 
 TIMING_FLUSH_S = 60.0  # how often a running step's wall time is written to timings.json
 _TIMINGS_LOCK = threading.Lock()  # one read-modify-write of timings.json at a time
