@@ -20,6 +20,38 @@ def _data_override(args: argparse.Namespace):
 
 
 @command(
+    "fit",
+    help="The whole recipe on your own images: two teachers (convolution and involution), a store of one view per "
+    "student epoch, the distilled ViT student, its evaluation with the teachers, a report and an ONNX export (fp32 + "
+    "int8). DATA_DIR holds train/<class>/<images> and optionally val/ or test/ (else 10 %% of train is held out). "
+    "Resumable: rerun the same command after a kill.",
+    arguments=[arg("data_dir", help="ImageFolder tree: DATA_DIR/train/<class>/<image>, optionally DATA_DIR/val/<class>/..."),
+               arg("--out", default="runs/fit", help="output folder (default runs/fit): fit.yaml, teachers, store, the "
+                   "student run, report/, export/"),
+               arg("--epochs", type=int, default=100, help="the student's epochs (default 100); the teachers train as "
+                   "long and the store holds one view per epoch"),
+               arg("--image-size", type=int, metavar="PX", help="model input size (default: the images' own size up to "
+                   "64 px, else 64)"),
+               arg("--device", default="cpu", help="cpu (default), cuda or cuda:N"),
+               arg("--workers", type=int, help="data-loading processes (default: the config's)")],
+    uses_config=False,
+)
+def fit_cmd(args: argparse.Namespace) -> int:
+    from libkd.study.fit import fit
+
+    r = fit(args.data_dir, args.out, args.epochs, args.image_size, args.device, args.workers)
+    scores = r["eval"]
+    rows = [("student (ViT, one token per teacher)", scores["top1"])]
+    rows += [(f"teacher {name}", t["top1"]) for name, t in zip(("conv (ResNet)", "inv (RedNet)"), scores.get("teachers", []))]
+    print(f"\n{'model':40s} {'val top-1':>9s}")
+    for name, top1 in rows:
+        print(f"{name:40s} {top1:9.2f}")
+    print(f"\nreport: {r['report']}\nexport: {r['export']} (model.onnx, model.int8.onnx, MODEL_CARD.md)\n"
+          f"config: {r['config']} (`libkd study {r['config']}` takes it further)")
+    return 0
+
+
+@command(
     "data info",
     help="Print a data set's classes, counts, image size, mean/std and fingerprint.",
     arguments=[

@@ -1,0 +1,115 @@
+"""`libkd fit DATA_DIR`: the whole recipe on an image folder in one command, and its refusals of bad folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from libkd.cli import main
+from libkd.data.datasets import DataError
+from libkd.study.fit import check_image_folder
+
+COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))
+
+
+def image_folder(root: Path, train: int = 6, val: int = 2, classes: int = 2, size: int = 16) -> Path:
+    """train/ and val/ of ``classes`` colour classes, ``size`` px PNGs."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(COLOURS[c], 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_fit_runs_the_whole_recipe_and_resumes(tmp_path, capsys):
+    data = image_folder(tmp_path / "images")
+    (data / "train" / "class0" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "fit"
+    assert main(["fit", str(data), "--out", str(out), "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipping 1 unreadable image(s)" in printed and "broken.png" in printed
+    config = (out / "fit.yaml").read_text()
+    assert "views: 2" in config and "alpha: 0.9" in config and "tau: 3.0" in config  # a view per epoch, the recipe
+    for name in ("export/model.onnx", "export/model.int8.onnx", "export/MODEL_CARD.md", "report/report.md",
+                 "teachers/conv/teacher.safetensors", "teachers/inv/teacher.safetensors"):
+        assert (out / name).is_file(), name
+    scores = json.loads((out / "runs" / "student-s0" / "student.eval.json").read_text())
+    assert scores["num_images"] == 4 and len(scores["teachers"]) == 2
+    table = printed[printed.index("val top-1"):]
+    assert f"{scores['top1']:.2f}" in table and f"{scores['teachers'][0]['top1']:.2f}" in table
+    model = (out / "export" / "model.onnx").stat().st_mtime_ns
+    assert main(["fit", str(data), "--out", str(out), "--epochs", "2"]) == 0  # the same command again: all reused
+    again = capsys.readouterr().out
+    for teacher in ("conv", "inv"):
+        assert f"'{out / 'teachers' / teacher}' is already complete (2 epochs): reusing it" in again
+    assert "student-s0 (store, teachers ['conv', 'inv'], per-token): done, reusing it" in again
+    assert "epoch 1/2" not in again and "precompute" not in again  # nothing trained or computed again
+    assert (out / "export" / "model.onnx").stat().st_mtime_ns == model
+
+
+def test_fit_holds_out_part_of_train_without_a_validation_folder(tmp_path):
+    from libkd.study.fit import study_config
+
+    data = image_folder(tmp_path / "images", val=0)
+    os.rmdir(data / "val" / "class0"), os.rmdir(data / "val" / "class1"), os.rmdir(data / "val")
+    layout = check_image_folder(data)
+    assert layout["val"] is None
+    config = study_config(layout, tmp_path / "out", 10, 16, "cpu")
+    assert config["base"]["data"]["holdout"] == 0.1 and "val_split" not in config["base"]["data"]
+    assert config["store"]["views"] == 10 and config["base"]["train"]["epochs"] == 10
+
+
+def _no_class_folders(root: Path) -> None:
+    (root / "train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "train" / "a.png")
+
+
+def _one_class(root: Path) -> None:
+    image_folder(root, classes=1)
+
+
+def _empty_class(root: Path) -> None:
+    image_folder(root)
+    (root / "train" / "class2").mkdir()
+
+
+def _val_is_train(root: Path) -> None:
+    image_folder(root, val=0)
+    for c in (0, 1):
+        (root / "val" / f"class{c}").rmdir()
+    (root / "val").rmdir()
+    (root / "val").symlink_to(root / "train")
+
+
+def _val_class_not_in_train(root: Path) -> None:
+    image_folder(root)
+    (root / "val" / "extra").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "val" / "extra" / "0.png")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root.mkdir(), "has no train/ folder"),
+    (_no_class_folders, "holds no class folders"),
+    (_one_class, "holds one class folder"),
+    (_empty_class, "hold no images"),
+    (_val_is_train, "is the training folder itself"),
+    (_val_class_not_in_train, "are missing from"),
+])
+def test_fit_refuses_a_bad_folder_by_name(tmp_path, capsys, make, message):
+    root = tmp_path / "images"
+    make(root)
+    with pytest.raises(DataError, match=message):
+        check_image_folder(root)
+    assert main(["fit", str(root), "--out", str(tmp_path / "out"), "--epochs", "1"]) != 0  # one line, no traceback
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "fit.yaml").exists()
