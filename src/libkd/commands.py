@@ -23,7 +23,7 @@ def _data_override(args: argparse.Namespace):
     "fit",
     help="The whole recipe on your own images: two teachers (convolution and involution), a store of one view per "
     "student epoch, the distilled ViT student, its evaluation with the teachers, a report and an ONNX export (fp32 + "
-    "int8). DATA_DIR holds train/<class>/<images> and optionally val/ or test/ (else 10 %% of train is held out). "
+    "int8). DATA_DIR holds train/<class>/<images> and optionally val/ or test/ (else a tenth of every class of train is held out). "
     "Resumable: rerun the same command after a kill.",
     arguments=[arg("data_dir", help="ImageFolder tree: DATA_DIR/train/<class>/<image>, optionally DATA_DIR/val/<class>/..."),
                arg("--out", default="runs/fit", help="output folder (default runs/fit): fit.yaml, teachers, store, the "
