@@ -48,6 +48,19 @@ def test_train_and_val_splits_are_subfolders(image_folder, tmp_path):
     assert len(build_dataset(cfg, "val")) == 2
 
 
+def test_validation_on_the_training_folder_is_refused_unless_held_out(image_folder, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(image_folder(counts=(3, 3)), root / "train")
+    (root / "same").symlink_to(root / "train")
+    for val_split in ("train", "same"):  # by name, and the same folder under another name
+        cfg = DataConfig(source="imagefolder", root=str(root), val_split=val_split)
+        assert len(build_dataset(cfg, "train")) == 6
+        with pytest.raises(DataError, match="the same folder"):
+            build_dataset(cfg, "val")
+    held = DataConfig(source="imagefolder", root=str(root), val_split="train", holdout=1)
+    assert len(build_dataset(held, "val")) == 2 and len(build_dataset(held, "train")) == 4  # a held-out part: allowed
+
+
 def test_cache_is_used_on_second_load(image_folder, monkeypatch, isolated_cache):
     root = image_folder()
     first = build_dataset(folder_config(root))

@@ -345,8 +345,22 @@ def test_a_failed_re_export_leaves_the_previous_export_whole_and_in_use(trained,
     monkeypatch.setattr(deploy, "export_onnx", wrong)
     with pytest.raises(ExportError, match="differ from PyTorch"):
         export_checkpoint(trained["student"], folder, threads=1)  # and without int8: the old int8 file must stay too
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no staging folder left, nothing replaced
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing replaced
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left beside it
     assert predict(str(folder), [str(_user_folder(tmp_path, 1) / "img0.png")], threads=1)["predictions"]
+    # A kill inside the swap (the old export moved aside, the new one not yet in its place; a staging folder left by
+    # a SIGKILL): the next load or export puts the old export back whole and removes the leftovers.
+    (folder.parent / ".ship.staging-999").mkdir()
+    (folder.parent / ".ship.staging-999" / "model.onnx").write_bytes(b"half written")
+    folder.rename(folder.parent / ".ship.old-998")
+    assert predict(str(folder), [str(_user_folder(tmp_path, 1) / "img0.png")], threads=1)["predictions"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # An export replaces its folder as a whole, so a folder holding anything else is refused, and nothing is lost.
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="holds other files than an export"):
+        export_checkpoint(trained["student"], folder, threads=1)
+    assert (folder / "notes.txt").read_text() == "mine"
 
 
 def test_timm_opens_the_exported_student_with_the_onnx_models_logits(exported, trained):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,31 @@ def test_a_killed_study_resumes_the_missing_runs_only(finished_study, capsys):
     out = capsys.readouterr().out
     assert out.count("done, reusing it") == 7 and "run 8/8: both-s1 (store, teachers ['conv', 'inv'], per-token): running" in out
     assert (tmp_path / "study" / "runs" / "both-s1" / "student.eval.json").is_file()
+
+
+def test_a_trained_run_is_evaluated_without_building_its_store(tmp_path, capsys):
+    """A run whose last epoch is saved (killed before its evaluation, say) reads no view: the study evaluates it
+    without rebuilding the store (hours for a store of hundreds of views) and refuses it if its settings changed."""
+    config = study_yaml(tmp_path, seeds=[0], runs=[{"name": "both", "mode": "store", "teachers": ["conv", "inv"]}])
+    assert main(["study", str(config)]) == 0
+    run = tmp_path / "study" / "runs" / "both-s0"
+    first = json.loads((run / "student.eval.json").read_text())
+    (run / "student.eval.json").unlink()
+    shutil.rmtree(tmp_path / "study" / "stores")
+    shutil.rmtree(tmp_path / "results" / "runs")  # nothing committed to take it from either
+    capsys.readouterr()
+    assert main(["study", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "is trained (2 epochs): reusing it, without its store" in out and "precompute" not in out
+    assert not (tmp_path / "study" / "stores").exists()
+    assert json.loads((run / "student.eval.json").read_text())["top1"] == first["top1"]
+    (run / "student.eval.json").unlink()
+    changed = yaml.safe_load(config.read_text())
+    changed["base"]["train"]["lr"] = 5e-3
+    config.write_text(yaml.safe_dump(changed))
+    assert main(["study", str(config)]) == 2  # another learning rate: not this run
+    assert "was made with another train (train.lr differ)" in capsys.readouterr().err
+    assert not (tmp_path / "study" / "stores").exists()
 
 
 def test_a_killed_step_keeps_the_time_it_spent_and_a_resumption_adds_to_it(tmp_path):
@@ -273,6 +299,23 @@ def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tm
     assert out.count("committed by an earlier session") == 5 + 4 and f"trial {last}: done" not in out  # 5 trials, 4 runs
     assert [p.name for p in (tmp_path / "study" / "tune").iterdir() if p.name.startswith("stage")] == [last]
     assert json.loads((tmp_path / "results" / "tuning.json").read_text())["chosen"] == record["chosen"]
+    # How a machine loads data is no part of a trial: --workers (or another resume-only train key) leaves its
+    # fingerprint as it was, and a fresh machine given --workers reuses every committed trial.
+    from libkd.study.search import trial_fingerprints
+
+    study = Study(load_study(config), workers=1)
+    study.final_base = study.base
+    spec = next(r for r in study.cfg.runs if r.name == "none")
+    trial_base = study.base.model_copy(update={"train": study.base.train.model_copy(update={"eval_every": 3})})
+    one = study.run_config(spec, 0, trial_base, tmp_path / "t", build=False)
+    other = Study(load_study(config), workers=0).run_config(spec, 0, study.base, tmp_path / "t", build=False)
+    assert one.train.workers != other.train.workers and trial_fingerprints(one, 0)[0] == trial_fingerprints(other, 0)[0]
+    assert trial_fingerprints(one, 0)[0] != trial_fingerprints(one.model_copy(update={"seed": 5}), 0)[0]
+    (tmp_path / "results" / "tuning.json").unlink()
+    shutil.rmtree(tmp_path / "study")
+    assert main(["study", str(config), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("committed by an earlier session") == 6 + 4 and "running" not in out  # every trial and run reused
 
 
 @pytest.mark.parametrize("change, message", [

@@ -159,6 +159,11 @@ def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> Im
     if source == "imagefolder":
         if not config.root:
             raise DataError("data.source=imagefolder needs data.root (a folder with one sub-folder per class)")
+        folders = [Path(config.root) / name if name else Path(config.root) for name in (config.train_split, config.val_split)]
+        if not train and folders[0].resolve() == folders[1].resolve():
+            raise DataError(f"data.train_split and data.val_split are the same folder ('{folders[0]}'): the scores would be "
+                            "scores on training images; point data.val_split at held-out images, or set data.holdout=N "
+                            "(images per class, or a fraction) to hold some of the training images out")
         sub = config.train_split if train else config.val_split
         ds = load_imagefolder(Path(config.root) / sub if sub else Path(config.root), config)
     elif source in CIFAR_FOLDERS:

@@ -19,7 +19,7 @@ from libkd.deploy.card import model_card
 from libkd.deploy.measure import _mb, _top1, latency_ms, machine, run_over, top1_agreement, validation_batches
 from libkd.deploy.quantize import INT8_RECIPES, calibration_images, quantize_int8
 from libkd.deploy.runtime import (CARD_FILE, EXPORT_FILE, FP32_FILE, INT8_FILE, PREPROCESS_FILE, TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE,
-                                  ExportError, OnnxModel, _require_onnx, pin_threads, preprocess_spec, restores_threads)
+                                  ExportError, OnnxModel, _require_onnx, pin_threads, preprocess_spec, recover_export, restores_threads)
 from libkd.fileio import write_json_atomic
 from libkd.models.checkpoint import checkpoint_data
 
@@ -134,8 +134,9 @@ def export_checkpoint(checkpoint: str, out: str | Path | None = None, int8: str 
                       optimize: bool = False) -> dict[str, Any]:
     """Export a student or teacher checkpoint into ``out`` (default: CHECKPOINT.export/), validated and described.
 
-    Everything is written to a staging folder inside ``out`` first and moved into place only once onnxruntime
-    matched PyTorch: a failed export (or re-export) leaves the folder's previous export whole and in use."""
+    Everything is written to a staging folder beside ``out`` first and swapped in as a whole only once onnxruntime
+    matched PyTorch: a failed or killed export (or re-export) leaves the previous export whole and in use (a kill
+    inside the swap is undone by :func:`recover_export`, which the next export or load runs)."""
     from libkd.models import build_from_checkpoint, count_parameters
 
     threads = pin_threads(threads)
@@ -144,12 +145,18 @@ def export_checkpoint(checkpoint: str, out: str | Path | None = None, int8: str 
     folder = Path(out) if out else Path(f"{checkpoint}.export")
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"--out '{folder}' is a file; name a folder for the export")
-    folder.mkdir(parents=True, exist_ok=True)
+    recover_export(folder)
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in PUBLISHED)
+        if foreign:
+            raise ExportError(f"'{folder}' holds other files than an export ({', '.join(foreign[:5])}); an export replaces "
+                              "its folder as a whole: pass an empty or new --out, or the folder of an earlier export")
+    folder.parent.mkdir(parents=True, exist_ok=True)
     spec = preprocess_spec(meta)
     data = checkpoint_data(checkpoint, meta, data)
     batches, classes = validation_batches(data, spec, batch_size, val_images)
     check_classes(classes, spec, f"checkpoint '{checkpoint}'")
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
     try:
         print(f"export: {meta['arch']['name']} ({count_parameters(model) / 1e6:.2f}M parameters) -> {folder / FP32_FILE}",
               flush=True)
@@ -193,14 +200,19 @@ def export_checkpoint(checkpoint: str, out: str | Path | None = None, int8: str 
                                                                  **timm_files}})
         write_json_atomic(staging / EXPORT_FILE, record)
         (staging / CARD_FILE).write_text(model_card(checkpoint, meta, record, spec))
-        for name in PUBLISHED:  # the models first, their description last; files this export lacks go
-            if (staging / name).is_file():
-                os.replace(staging / name, folder / name)
-            else:
-                (folder / name).unlink(missing_ok=True)
+        _publish(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {**record, "folder": str(folder)}
+
+
+def _publish(staging: Path, folder: Path) -> None:
+    """Swap the staged export in as a whole: the old folder moves aside, the new one takes its name, the old one goes."""
+    aside = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.rename(folder, aside)
+    os.rename(staging, folder)  # a kill before this line: recover_export puts the old folder back
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def describe_command(argv: list[str] | None = None) -> str:

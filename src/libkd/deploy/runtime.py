@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -126,6 +127,17 @@ def image_transform(spec: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tens
     return eval_transform(spec["input_size"], spec["crop_pct"], spec["mean"], spec["std"])
 
 
+def recover_export(folder: Path) -> None:
+    """Undo what a killed ``libkd export`` of ``folder`` left: an export moved aside whose replacement never took its
+    place goes back (the old export, whole), and staging folders go. Exports of one folder must not run at once."""
+    parent, name = folder.parent, folder.name
+    aside = sorted(parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not folder.exists() and aside:
+        os.rename(aside.pop(), folder)
+    for leftover in [*aside, *parent.glob(f".{name}.staging-*"), *(folder.glob(".staging-*") if folder.is_dir() else [])]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def load_model_for_inference(path: str, threads: int | None = None, int8: bool = False
                              ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any], str]:
     """(model, preprocess spec, description) for a checkpoint (PyTorch) or an export folder (onnxruntime)."""
@@ -134,6 +146,8 @@ def load_model_for_inference(path: str, threads: int | None = None, int8: bool =
 
     threads = pin_threads(threads)
     p = Path(path)
+    if not p.exists():
+        recover_export(p)  # an export killed inside its swap leaves its folder aside
     if p.is_dir():
         spec = read_preprocess(p)
         name = spec["files"].get("int8" if int8 else "fp32")

@@ -13,7 +13,7 @@ from typing import Any
 
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, load_config
-from libkd.study.park import TrainingNeeded, saved_epoch, unpark
+from libkd.study.park import TrainingNeeded, epochs_done, saved_epoch, unpark
 from libkd.study.plan import HOW_BUILT, RunSpec, StudyConfig, _log, _short_hash, _with, load_study
 from libkd.study.search import search
 from libkd.study.summary import summary_markdown
@@ -225,6 +225,8 @@ class Study:
             held = views or self.cfg.store.views
             done = saved_epoch(self, out) if build else 0  # unbuilt: only the store's path, its views unread here
             first_view = min((e % held for e in range(done, base.train.epochs)), default=0)
+            # A run trained to its last epoch here reads no view: it is evaluated without building (or touching) its store.
+            build = build and not trained_here(out, base.train.epochs)
             distill.store = self.store_path(base, seed, spec.naive_store, stores, build, views, first_view)
         # Runs without a store replay the store's number of views, so every mode sees the same stream, unless they
         # ask for a fresh view every epoch.
@@ -244,13 +246,18 @@ class Study:
         if self.dry:
             raise TrainingNeeded(f"'{out}' is not finished")
         parked = unpark(self, out)
-        try:
-            final = distill(cfg)  # a finished run is only checked against this config (a changed setting is refused) and reused
-        except LibkdError as exc:
-            if parked is None:
-                raise
-            raise LibkdError(f"{exc}. That state came from '{parked}' (parked by an earlier session): delete that "
-                             "folder too (and commit the deletion) to start the run over") from exc
+        if trained_here(out, cfg.train.epochs):  # trained, not yet evaluated: its settings checked, its store not needed
+            _check_landed(out, cfg, ("seed", "student", "train", "distill", "replay"))
+            _log(f"'{out}' is trained ({cfg.train.epochs} epochs): reusing it, without its store")
+            final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        else:
+            try:
+                final = distill(cfg)  # a finished run is only checked against this config (a changed setting is refused)
+            except LibkdError as exc:
+                if parked is None:
+                    raise
+                raise LibkdError(f"{exc}. That state came from '{parked}' (parked): delete that folder too (and "
+                                 "commit the deletion) to start the run over") from exc
         target = out / "student.eval.json"
         if evaluate and not target.is_file():
             teachers = cfg.distill.teachers or None
@@ -386,6 +393,12 @@ def _smaller_store(path: Path, cfg: ExperimentConfig) -> str | None:
         if best_views < other.store.views < cfg.store.views:
             best, best_views = str(sibling.parent), other.store.views
     return best
+
+
+def trained_here(out: Path, epochs: int) -> bool:
+    """Whether the run in ``out`` saved its last epoch and its student checkpoint here."""
+    state = out / "last_state.pt"
+    return state.is_file() and (out / "student.safetensors").is_file() and epochs_done(state) >= epochs
 
 
 def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str, ...]) -> None:

@@ -8,6 +8,8 @@ import json
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from libkd.config import ExperimentConfig
+from libkd.engine import RESUMABLE_TRAIN_KEYS
 from libkd.study.park import TrainingNeeded
 from libkd.study.plan import HOW_BUILT, TuneConfig, _log, _short_hash, _with
 
@@ -67,12 +69,11 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
             # A trial of E epochs reads views 0..E-1 only: a store of that many views gives the very same targets.
             views = min(spec.views, trial_base.train.epochs) if spec.views else None
             cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", build=False, views=views)
-            config_sha = _short_hash(cfg.model_dump(mode="json", exclude={"out": True, "distill": {"store": True, "teachers": True},
-                                                                           "store": set(HOW_BUILT)}))
+            config_sha, legacy_sha = trial_fingerprints(cfg, trial_base.train.workers)
             landed, here = done.get(name), (out / "student.safetensors").is_file()
             # A trial trained here is reused through its run folder below; an invocation that trains nothing for
             # this stage (a --park summary, another run's --runs) takes it from the trials file all the same.
-            if landed and landed["config_sha"] == config_sha and (waiting or not here):
+            if landed and landed["config_sha"] in (config_sha, legacy_sha) and (waiting or not here):
                 _log(f"trial {name}: done, reusing it" +
                      ("" if here else f" (from {trials_file}, committed by an earlier session)"))
                 trials.append({k: landed[k] for k in ("trial", "overrides", "holdout_top1")})
@@ -114,6 +115,16 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
         study.results.mkdir(parents=True, exist_ok=True)
         shutil.copy2(study.out / "tune" / "tuning.json", study.results / "tuning.json")
     return chosen
+
+
+def trial_fingerprints(cfg: ExperimentConfig, config_workers: int) -> tuple[str, str]:
+    """A search trial's identity: everything that decides its result, not where it runs or how it loads data (the
+    train keys a run resumes across, ``--workers`` included). Second, the form trials were recorded under before
+    (train.workers at the config's own value counted): a trial recorded so is still the same trial."""
+    skip = {"out": True, "distill": {"store": True, "teachers": True}, "store": set(HOW_BUILT)}
+    current = _short_hash(cfg.model_dump(mode="json", exclude={**skip, "train": set(RESUMABLE_TRAIN_KEYS)}))
+    legacy = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": config_workers})})
+    return current, _short_hash(legacy.model_dump(mode="json", exclude=skip))
 
 
 def _same_search(record: dict[str, Any], tune: TuneConfig) -> bool:
