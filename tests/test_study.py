@@ -197,7 +197,7 @@ def test_a_fresh_machine_resumes_from_the_committed_results(finished_study, caps
         assert committed.read_bytes() == (tmp_path / "study-elsewhere" / "teachers" / "conv" / "teacher.safetensors").read_bytes()
         assert main(["study", str(config)]) == 0
         out = capsys.readouterr().out
-        assert out.count("committed by an earlier session") == 8 and "running" not in out
+        assert out.count("reusing the committed run") == 8 and "running" not in out
         assert out.count("using the committed weights") == 2 and "epoch 1/1" not in out  # no teacher trained again
         assert not (tmp_path / "study" / "teachers" / "conv" / "last_state.pt").exists()
         assert not (tmp_path / "study" / "runs").exists()
@@ -296,7 +296,7 @@ def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tm
     (tmp_path / "results" / "tune-trials.json").write_text(json.dumps(trials))
     assert main(["study", str(config)]) == 0
     out = capsys.readouterr().out
-    assert out.count("committed by an earlier session") == 5 + 4 and f"trial {last}: done" not in out  # 5 trials, 4 runs
+    assert out.count("committed trial in") + out.count("reusing the committed run") == 5 + 4 and f"trial {last}: done" not in out  # 5 trials, 4 runs
     assert [p.name for p in (tmp_path / "study" / "tune").iterdir() if p.name.startswith("stage")] == [last]
     assert json.loads((tmp_path / "results" / "tuning.json").read_text())["chosen"] == record["chosen"]
     # How a machine loads data is no part of a trial: --workers (or another resume-only train key) leaves its
@@ -315,7 +315,7 @@ def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tm
     shutil.rmtree(tmp_path / "study")
     assert main(["study", str(config), "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.count("committed by an earlier session") == 6 + 4 and "running" not in out  # every trial and run reused
+    assert out.count("committed trial in") + out.count("reusing the committed run") == 6 + 4 and "running" not in out  # every trial and run reused
 
 
 @pytest.mark.parametrize("change, message", [
@@ -722,7 +722,7 @@ def test_a_parked_state_of_another_recipe_is_refused_naming_the_parked_folder(tm
     capsys.readouterr()
     assert main(["study", str(changed)]) == 2
     err = capsys.readouterr().err
-    assert "holds a run with a different train" in err and "parked by an earlier session): delete that folder" in err
+    assert "holds a run with a different train" in err and "(parked): delete that folder" in err
 
 
 def test_park_finds_unfinished_runs_and_search_trials_of_the_named_runs_only(tmp_path):

@@ -54,7 +54,7 @@ def epochs_done(state: Path) -> int:
 
 
 def saved_epoch(study: Study, out: Path) -> int:
-    """Epochs done by the run training in ``out``: by its own saved state, else by the one an earlier session parked
+    """Epochs done by the run training in ``out``: by its own saved state, else by the one parked
     for it (0: neither)."""
     for folder in (out, parked_folder(study, out)):
         if folder is not None and _state(folder).is_file():
@@ -125,7 +125,7 @@ def write_summary_training_nothing(study: Study) -> Path | None:
 
 
 def unpark(study: Study, out: Path) -> Path | None:
-    """Put the state an earlier session parked for the run in ``out`` there when this machine has none of its own
+    """Put the state parked for the run in ``out`` there when this machine has none of its own
     (``distill`` then resumes from it, after checking it is the same run); returns where it came from."""
     parked = parked_folder(study, out)
     if parked is None or not _state(parked).is_file():
@@ -135,7 +135,7 @@ def unpark(study: Study, out: Path) -> Path | None:
         for item in PARKED_FILES:
             if (parked / item).is_file():
                 shutil.copy2(parked / item, out / item)
-        _log(f"{out.name}: going on from the state parked in '{parked}' by an earlier session")
+        _log(f"{out.name}: going on from the parked state in '{parked}'")
     return parked
 
 

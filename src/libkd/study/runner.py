@@ -61,7 +61,7 @@ class Study:
         """Add this step's wall time to OUT/timings.json (summed over resumptions; a reused step adds its check).
 
         The sum is rewritten every ``TIMING_FLUSH_S`` seconds while the step runs, not only when it ends, so a
-        killed job (a session's end, the OOM killer) loses at most that much of its time instead of all of it."""
+        killed job (a job slot's end, the OOM killer) loses at most that much of its time instead of all of it."""
         from libkd.fileio import write_json_atomic
 
         path = self.out / "timings.json"
@@ -100,7 +100,7 @@ class Study:
         return str(self.out / "teachers" / name / "teacher")
 
     def train_teachers(self) -> None:
-        """Train each teacher, or take the one an earlier session committed to ``results`` (weights and all), so a
+        """Train each teacher, or take the one committed to ``results`` (weights and all), so a
         fresh machine learns from the very teachers the committed runs learned from instead of retraining them."""
         from libkd.train_teacher import train_teacher
 
@@ -302,7 +302,7 @@ class Study:
             here = (out / "student.eval.json").is_file()
             landed = None if here else self.landed_run(spec, seed, name)
             state = ("done, reusing it" if here else
-                     f"done, reusing it (from {landed}, committed by an earlier session)" if landed else "running")
+                     f"done, reusing the committed run in {landed}" if landed else "running")
             _log(f"run {n}/{len(plan)}: {name} ({spec.mode}, teachers {spec.teachers or '-'}, {spec.combine}"
                  f"{', naive store' if spec.naive_store else ''}): {state}")
             if landed:
@@ -319,7 +319,7 @@ class Study:
 
     def landed_run(self, spec: RunSpec, seed: int, name: str) -> Path | None:
         """``results/runs/NAME`` (or the run's ``reuse`` folder) when it holds this very run, finished (the small files
-        an earlier session committed)."""
+        committed there)."""
         folder = Path(spec.reuse) if spec.reuse else self.results / "runs" / name if self.results else None
         if spec.reuse and not all((folder / f).is_file() for f in RESULT_FILES):
             raise LibkdError(f"run '{spec.name}' reuses '{folder}', which does not hold a finished run (it needs "

@@ -43,13 +43,13 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
     if not (study.out / "tune" / "tuning.json").is_file() and landed and landed.is_file():
         record = json.loads(landed.read_text())
         if _same_search(record, tune):
-            _log(f"settings search: reusing {landed} (committed by an earlier session): {record['chosen']}")
+            _log(f"settings search: reusing the committed {landed}: {record['chosen']}")
             into.update(record.get("chosen_by_run", {}))
             return record["chosen"]
         _log(f"settings search: {landed} searched another grid; searching this one, reusing each landed trial whose "
              "config matches")
         record = []
-    # Trials an earlier session finished (the search takes hours here): each reused when its whole config matches.
+    # Committed trials (a search can take hours): each reused when its whole config matches.
     trials_file = study.results / "tune-trials.json" if study.results else None
     done = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
     for s, stage in enumerate(tune.stages):
@@ -75,7 +75,7 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
             # this stage (a --park summary, another run's --runs) takes it from the trials file all the same.
             if landed and landed["config_sha"] in (config_sha, legacy_sha) and (waiting or not here):
                 _log(f"trial {name}: done, reusing it" +
-                     ("" if here else f" (from {trials_file}, committed by an earlier session)"))
+                     ("" if here else f" (the committed trial in {trials_file})"))
                 trials.append({k: landed[k] for k in ("trial", "overrides", "holdout_top1")})
                 continue
             if waiting:

@@ -23,7 +23,7 @@ def _mean_spread(values: list[float]) -> str:
 
 
 def _not_landed(study: Study, spec: RunSpec) -> str:
-    """'not run yet', or how far its parked seeds have come (the saved epoch an earlier session committed)."""
+    """'not run yet', or how far its parked seeds have come (the saved epoch committed for it)."""
     from libkd.config import load_config
 
     notes = []
