@@ -161,6 +161,36 @@ def test_a_trained_run_is_evaluated_without_building_its_store(tmp_path, capsys)
     assert not (tmp_path / "study" / "stores").exists()
 
 
+def test_a_parked_state_further_along_than_the_local_one_wins_and_timings_merge(tmp_path):
+    """A machine that comes back to a run with an older state of its own takes the parked one that is further along
+    (the parked state is deleted once the run lands, so the older one would cost the epochs in between), and its
+    timings never fall below what other machines committed."""
+    import torch
+
+    from libkd.study import unpark
+
+    config = study_yaml(tmp_path, seeds=[0], runs=[{"name": "none", "mode": "none"}])
+    study = Study(load_study(config))
+    out = study.out / "runs" / "none-s0"
+    parked = parked_folder(study, out)
+    for folder, epoch in ((out, 3), (parked, 5)):
+        folder.mkdir(parents=True)
+        torch.save({"epoch": epoch, "history": []}, folder / "last_state.pt")
+        (folder / "metrics.jsonl").write_text(f"{epoch}\n")
+    assert unpark(study, out) == parked
+    assert torch.load(out / "last_state.pt", weights_only=True)["epoch"] == 5 and (out / "metrics.jsonl").read_text() == "5\n"
+    torch.save({"epoch": 7, "history": []}, out / "last_state.pt")  # further along here: this machine's state stays
+    assert unpark(study, out) == parked and torch.load(out / "last_state.pt", weights_only=True)["epoch"] == 7
+    (study.results).mkdir(parents=True, exist_ok=True)
+    (study.results / "timings.json").write_text(json.dumps({"run none-s0": 500.0, "teacher conv": 60.0}))
+    study.out.mkdir(parents=True, exist_ok=True)
+    (study.out / "timings.json").write_text(json.dumps({"run none-s0": 200.0, "store x": 30.0}))
+    with study.timed("store x"):
+        pass
+    timings = json.loads((study.out / "timings.json").read_text())
+    assert timings["run none-s0"] == 500.0 and timings["teacher conv"] == 60.0 and timings["store x"] >= 30.0
+
+
 def test_a_killed_step_keeps_the_time_it_spent_and_a_resumption_adds_to_it(tmp_path):
     """timings.json is rewritten while a step runs: a SIGKILLed study (a session's end) keeps what it spent."""
     config = study_yaml(tmp_path)

@@ -125,12 +125,17 @@ def write_summary_training_nothing(study: Study) -> Path | None:
 
 
 def unpark(study: Study, out: Path) -> Path | None:
-    """Put the state parked for the run in ``out`` there when this machine has none of its own
+    """Put the state parked for the run in ``out`` there when this machine has none of its own, or an older one
     (``distill`` then resumes from it, after checking it is the same run); returns where it came from."""
     parked = parked_folder(study, out)
     if parked is None or not _state(parked).is_file():
         return None
-    if not _state(out).is_file():
+    mine = epochs_done(_state(out)) if _state(out).is_file() else None
+    if mine is not None and epochs_done(_state(parked)) > mine:
+        _log(f"{out.name}: the parked state in '{parked}' is further along than this machine's (epoch "
+             f"{epochs_done(_state(parked))} against {mine}): going on from it")
+        mine = None
+    if mine is None:
         out.mkdir(parents=True, exist_ok=True)
         for item in PARKED_FILES:
             if (parked / item).is_file():

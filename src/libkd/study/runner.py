@@ -65,9 +65,15 @@ class Study:
         from libkd.fileio import write_json_atomic
 
         path = self.out / "timings.json"
-        if not path.is_file() and self.results and (self.results / path.name).is_file():  # another machine's
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(self.results / path.name, path)
+        committed = self.results / path.name if self.results else None
+        if committed is not None and committed.is_file():  # other machines' time: never less than what they committed
+            with _TIMINGS_LOCK:
+                mine = json.loads(path.read_text()) if path.is_file() else {}
+                theirs = json.loads(committed.read_text())
+                merged = {**theirs, **{k: max(v, theirs.get(k, 0.0)) for k, v in mine.items()}}
+                if merged != mine:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(path, merged)
         before = json.loads(path.read_text()).get(key, 0.0) if path.is_file() else 0.0
         start = time.perf_counter()
 
