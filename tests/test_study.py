@@ -269,6 +269,8 @@ def test_a_fresh_machine_resumes_from_the_committed_results(finished_study, caps
 
 
 def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tmp_path, capsys):
+    from libkd.study.search import search_basis
+
     tune = {"holdout": 3, "epochs": 1,  # of the 4 images per class
             "stages": [{"run": "none", "grid": [[{"train.lr": 1e-4}, {"train.lr": 3e-3}]]},
                        {"run": "both", "grid": [[{"distill.alpha": 0.5}, {"distill.alpha": 0.9}]]},
@@ -300,10 +302,20 @@ def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tm
     assert final.data.holdout is None and final.train.lr == chosen_lr and final.train.epochs == 2
     assert final.distill.alpha == record["chosen"]["distill.alpha"]
     assert "Settings search" in (tmp_path / "results" / "study.md").read_text()
-    # On a fresh machine the committed search is reused, not searched again.
+    # On a fresh machine the committed search is reused, not searched again; from other base settings it is not.
     (tmp_path / "study").rename(tmp_path / "gone")
+    changed = yaml.safe_load(config.read_text())
+    changed["base"]["train"]["weight_decay"] = 0.01
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    assert search_basis(Study(load_study(other)), {}) != search_basis(Study(load_study(config)), {})
+    assert json.loads((tmp_path / "results" / "tuning.json").read_text())["basis"] == search_basis(Study(load_study(config)), {})
+    capsys.readouterr()
+    assert write_summary_training_nothing(Study(load_study(other))) is None  # it would search again: nothing trained
+    out = capsys.readouterr().out
+    assert "searched from other base settings or teachers; searching again" in out and "is not done" in out
     assert main(["study", str(config)]) == 0
-    assert f"settings search: reusing {tmp_path / 'results' / 'tuning.json'}" in capsys.readouterr().out
+    assert f"settings search: reusing the committed {tmp_path / 'results' / 'tuning.json'}:" in capsys.readouterr().out
     assert not (tmp_path / "study" / "tune").exists()
     assert "Settings search" in (tmp_path / "results" / "study.md").read_text()  # the summary still shows it
     # A search cut short (a session ended mid-search): the trials that landed are reused, the rest are run.

@@ -39,15 +39,17 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
     the run-scoped ones ``into`` the given dict (a study's ``chosen_by_run``, or its ``own_search`` when it extends
     another)."""
     chosen, record, by_run = dict(chosen), [], {}
+    basis = search_basis(study, chosen)
     landed = study.results / "tuning.json" if study.results else None
     if not (study.out / "tune" / "tuning.json").is_file() and landed and landed.is_file():
         record = json.loads(landed.read_text())
-        if _same_search(record, tune):
-            _log(f"settings search: reusing the committed {landed}: {record['chosen']}")
+        if _same_search(record, tune) and record.get("basis", basis) == basis:
+            unknown = "" if "basis" in record else " (recorded without the fingerprint of the settings it searched from)"
+            _log(f"settings search: reusing the committed {landed}{unknown}: {record['chosen']}")
             into.update(record.get("chosen_by_run", {}))
             return record["chosen"]
-        _log(f"settings search: {landed} searched another grid; searching this one, reusing each landed trial whose "
-             "config matches")
+        why = "another grid" if not _same_search(record, tune) else "from other base settings or teachers"
+        _log(f"settings search: {landed} searched {why}; searching again, reusing each landed trial whose config matches")
         record = []
     # Committed trials (a search can take hours): each reused when its whole config matches.
     trials_file = study.results / "tune-trials.json" if study.results else None
@@ -107,7 +109,7 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
     from libkd.fileio import write_json_atomic
 
     into.update(by_run)
-    write_json_atomic(study.out / "tune" / "tuning.json", {"holdout": tune.holdout, "epochs": tune.epochs,
+    write_json_atomic(study.out / "tune" / "tuning.json", {"holdout": tune.holdout, "epochs": tune.epochs, "basis": basis,
                                                           "stages": record, "chosen": chosen, "chosen_by_run": by_run})
     if any(stage.run in study.unsearched for stage in tune.stages):
         return chosen  # an incomplete search is shown in the report, not committed as the study's (its trials are)
@@ -115,6 +117,14 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
         study.results.mkdir(parents=True, exist_ok=True)
         shutil.copy2(study.out / "tune" / "tuning.json", study.results / "tuning.json")
     return chosen
+
+
+def search_basis(study: "Study", chosen: dict[str, Any]) -> str:
+    """The fingerprint of what a search starts from: the study's base (less where it runs and how it loads data), the
+    settings chosen before it, its teachers and seed. A committed search from another basis is not reused."""
+    base = study.base.model_dump(mode="json", exclude={"out": True, "device": True, "train": set(RESUMABLE_TRAIN_KEYS)})
+    teachers = {name: spec.model_dump(mode="json") for name, spec in study.cfg.teachers.items()}
+    return _short_hash({"base": base, "chosen": chosen, "teachers": teachers, "seed": study.cfg.seeds[0]})
 
 
 def trial_fingerprints(cfg: ExperimentConfig, config_workers: int) -> tuple[str, str]:
