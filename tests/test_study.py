@@ -277,7 +277,8 @@ def test_settings_search_uses_held_out_training_images_and_applies_the_winner(tm
                        # the single-teacher arm gets its own search of the same size; its winner is its own
                        {"run": "conv", "scope": "run", "grid": [[{"distill.alpha": 0.3}, {"distill.alpha": 0.7}]]}]}
     runs = [{"name": "none", "mode": "none"}, {"name": "both", "mode": "store", "teachers": ["conv", "inv"]},
-            {"name": "conv", "mode": "store", "teachers": ["conv"]},
+            # its set: names the key its own search varies: the search's winner is what it uses, as in its trials
+            {"name": "conv", "mode": "store", "teachers": ["conv"], "set": {"distill.alpha": 0.5}},
             {"name": "both-fresh", "mode": "online", "teachers": ["conv", "inv"], "fresh_views": True}]
     config = study_yaml(tmp_path, runs=runs, seeds=[0], tune=tune, store={"views": 1, "shard_size": 32})
     assert main(["study", str(config)]) == 0

@@ -40,7 +40,8 @@ class RunSpec(Section):
     # The store's number of views for this run (default: the study's store.views). A store with more views is its
     # own store, grown from the largest smaller one of the same seed and recipe (its views are not recomputed).
     views: int | None = Field(None, ge=1)
-    # Settings of this run on top of the study's and the search's (e.g. function matching: distill.alpha: 1.0).
+    # Settings of this run on top of the study's and the search's (e.g. function matching: distill.alpha: 1.0); a
+    # search of this run's own (scope: run) is applied after them, as its trials apply their grid last.
     set: dict[str, Any] = {}
     seeds: int = Field(1, ge=1)
     # The committed results folder of this very run in another study (e.g. the 60-epoch baseline of a study that

@@ -277,9 +277,13 @@ class Study:
     def base_for(self, spec: RunSpec) -> ExperimentConfig:
         """The base a run trains from: the study's base with the search's global choices and the run's own."""
         assert self.final_base is not None, "the settings search runs first"
-        # set: (a study that extends another) wins over the search it inherits, the run's own set: over both, and the
-        # study's own search for this run over all (it searched what set: leaves open)
-        own = {**self.chosen_by_run.get(spec.name, {}), **self.cfg.set, **spec.set, **self.own_search.get(spec.name, {})}
+        # One rule for runs and search trials: what a study inherits (an extended study's choices for this run), then
+        # the study's set:, then the run's own set:, and last what this study's own search chose for this run, which
+        # varied exactly those keys on top of all the rest (its trials apply their grid last), so the winner the tuning
+        # table names is the setting the run uses.
+        searched = self.own_search if self.parent else self.chosen_by_run
+        inherited = self.chosen_by_run.get(spec.name, {}) if self.parent else {}
+        own = {**inherited, **self.cfg.set, **spec.set, **searched.get(spec.name, {})}
         return _with(self.final_base, own) if own else self.final_base
 
     def tune(self) -> dict[str, Any]:
