@@ -680,6 +680,19 @@ def test_a_parked_run_goes_on_from_its_saved_epoch_on_a_fresh_machine(tmp_path, 
     assert "nothing to park" in capsys.readouterr().out
 
 
+def test_park_after_during_teacher_training_says_nothing_was_parked(tmp_path, monkeypatch, capsys):
+    import libkd.train_teacher
+
+    def deadline(cfg):
+        raise DeadlineReached()  # the deadline falls while the first teacher trains
+
+    monkeypatch.setattr(libkd.train_teacher, "train_teacher", deadline)
+    config = study_yaml(tmp_path, seeds=[0], runs=[{"name": "none", "mode": "none"}])
+    assert main(["study", str(config), "--park-after", "2h"]) == 75
+    out = capsys.readouterr().out
+    assert "nothing parked" in out and "teachers and stores are not parked" in out and "parked: " not in out
+
+
 def test_park_after_stops_at_the_deadline_parks_and_exits_75_and_ctrl_c_stays_ctrl_c(tmp_path, monkeypatch, capsys):
     """--park-after D: the deadline stops the study as Ctrl-C would, after the epochs saved so far, parks the run (with
     study.md saying how far it came) and exits 75; a user's own Ctrl-C under it is still an interrupt (130)."""

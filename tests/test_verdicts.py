@@ -196,3 +196,13 @@ def test_runs_of_two_schedules_get_a_table_each_and_close_the_gap_against_their_
     del by_run["none-e300"]
     text = "\n".join(training_table(study(runs), by_run))
     assert "| both-e300 | 60.00 | 72.00 |" in text and "| both-e300 | 300 |" not in text
+
+
+def test_every_role_goes_to_the_first_run_that_fits_it():
+    from libkd.study.verdicts import _roles
+
+    runs = [{"name": n, "mode": "store", "teachers": ["conv", "inv"], "combine": "mean"} for n in ("mean-a", "mean-b")]
+    runs += [{"name": n, "mode": "none"} for n in ("none-a", "none-b")]
+    runs += [{"name": n, "mode": "store", "teachers": ["conv", "inv"]} for n in ("both-a", "both-b")]
+    roles = _roles(StudyConfig.model_validate({"teachers": TEACHERS, "runs": runs, "seeds": [0]}))
+    assert (roles["mean"], roles["baseline"], roles["method"]) == ("mean-a", "none-a", "both-a")

@@ -238,8 +238,13 @@ def study_cmd(args: argparse.Namespace) -> int:
         with ParkDeadline(args.park_after):
             report = run_study(args.config, args.overrides, args.runs, args.workers)
     except DeadlineReached:  # a Ctrl-C of the user's is still an interrupt
-        print(f"stopped by --park-after; parked: {parked()} run(s): commit the results folder, and the same "
-              "command goes on from there")
+        count = parked()
+        if count:
+            print(f"stopped by --park-after; parked: {count} run(s): commit the results folder, and the same command goes "
+                  "on from there, on this machine or another")
+        else:  # teachers or a store were under way: what they saved stays in OUT, on this machine
+            print("stopped by --park-after before any run or search trial saved an epoch: nothing parked; the same command "
+                  "goes on from what this machine saved (teachers and stores are not parked)")
         return EXIT_PARKED
     print(f"report: {report}")
     return 0

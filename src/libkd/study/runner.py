@@ -339,7 +339,7 @@ class Study:
         if spec.name in self.unsearched:  # its settings are not known until its search runs, which checks it then
             return folder
         expected = self.run_config(spec, seed, self.base_for(spec), self.out / "runs" / name, build=False)
-        _check_landed(folder, expected, ("seed", "student", "train", "distill", "replay"))
+        _check_landed(folder, expected, ("seed", "student", "train", "distill", "replay", "data"))
         return folder
 
     def finished_runs(self) -> list[tuple[RunSpec, int, Path]]:
@@ -405,6 +405,10 @@ def _smaller_store(path: Path, cfg: ExperimentConfig) -> str | None:
     return best
 
 
+# The data keys that decide which images a run trains and is scored on.
+DATA_IDENTITY = {"source", "root", "train_split", "val_split", "subset", "subset_seed", "holdout", "load_size", "synthetic"}
+
+
 def trained_here(out: Path, epochs: int) -> bool:
     """Whether the run in ``out`` saved its last epoch and its student checkpoint here."""
     state = out / "last_state.pt"
@@ -420,6 +424,8 @@ def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str,
         mine, theirs = getattr(expected, section), getattr(saved, section)
         if section == "train":
             mine, theirs = (x.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS) for x in (mine, theirs))
+        elif section == "data":  # which images, not the inputs a store fills in (size, normalisation)
+            mine, theirs = (x.model_dump(mode="json", include=DATA_IDENTITY) for x in (mine, theirs))
         elif hasattr(mine, "model_dump"):
             mine, theirs = mine.model_dump(mode="json"), theirs.model_dump(mode="json")
         if mine != theirs:

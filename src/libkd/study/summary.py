@@ -77,13 +77,15 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
         lines += ["", "## Along training", "", *along]
     lines += ["", "## Claims", "", *claims(study, by_run, parent)]
     timings = study.out / "timings.json"
+    if not timings.is_file() and study.results:  # a machine that trained nothing here: the committed timings
+        timings = study.results / "timings.json"
     if timings.is_file():
         spent: dict[str, float] = {}
         for key, seconds in json.loads(timings.read_text()).items():
             spent[key.split()[0]] = spent.get(key.split()[0], 0.0) + seconds
         lines += ["", "Wall time spent so far (summed over resumptions): " + ", ".join(
             f"{kind}s {seconds / 60:.0f} min" for kind, seconds in spent.items())
-                  + f"; {sum(spent.values()) / 3600:.2f} h in all (`{study.out}/timings.json`)."]
+                  + f"; {sum(spent.values()) / 3600:.2f} h in all (`{timings}`)."]
     tuning = study.out / "tune" / "tuning.json"
     if not tuning.is_file() and study.results:  # a fresh machine reuses the committed search without running it
         tuning = study.results / "tuning.json"

@@ -43,7 +43,7 @@ def _roles(cfg: StudyConfig) -> dict[str, Any]:
         elif r.mode == "store" and len(r.teachers) == 1 and not r.naive_store:
             roles["singles"].append(r.name)
         elif r.mode == "store" and r.combine == "mean" and not r.naive_store:
-            roles["mean"] = r.name
+            roles.setdefault("mean", r.name)
     return roles
 
 
