@@ -322,6 +322,7 @@ def test_predict_on_an_image_file_gives_evaluates_logits_for_that_image(exported
     with torch.no_grad():
         expected = model.eval()(images[:4]).softmax(-1)
     result = predict(trained["student"], [str(f) for f in files], top_k=10, threads=1)
+    assert len(result["predictions"]) == len(expected) == 4
     for row, prediction in zip(expected, result["predictions"]):
         got = torch.zeros(10)
         for entry in prediction["top"]:

@@ -28,9 +28,20 @@ TOY = ["data.source=synthetic", "data.synthetic.num_classes=3", "data.synthetic.
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_recipe_loads_and_says_how_to_run_it(path):
+    import re
+    import shlex
+
+    from libkd.cli import build_parser
+
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
     assert "Run:" in text and "Time:" in text, f"{path.name}: the header must say how to run it and how long it takes"
+    # The Run: line is a command that the CLI parses, for this very file.
+    run = next(line for line in header if "Run:" in line).split("Run:", 1)[1]
+    command = re.sub(r"\[[^]]*\]|\([^)]*\)", "", run.split("libkd", 1)[1])  # optional [...] parts and (...) remarks
+    words = shlex.split(command)
+    assert f"configs/{path.name}" in words, f"{path.name}: its Run: line runs another config ({words})"
+    build_parser().parse_args(words)  # an unknown command or option exits here
     if "runs" in yaml.safe_load(path.read_text()):  # a study (libkd study CONFIG)
         from libkd.study import load_study
 
