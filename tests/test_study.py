@@ -470,12 +470,12 @@ def test_the_committed_studys_store_folders_keep_their_names():
     of the key, so the committed runs' recorded store paths (checked when they are reused) keep matching."""
     import yaml
 
-    from libkd.study.runner import _with
+    from libkd.study.runner import with_overrides
 
     repo = Path(__file__).resolve().parents[1]
     study = Study(load_study(repo / "configs/cifar10-10pct-study.yaml"))
     chosen = json.loads((repo / "docs/results/cifar10-10pct/tuning.json").read_text())["chosen"]
-    base = _with(study.base, chosen)
+    base = with_overrides(study.base, chosen)
     recorded = yaml.safe_load((repo / "docs/results/cifar10-10pct/runs/both-s0/config.yaml").read_text())["distill"]["store"]
     assert study.store_path(base, 0, False, build=False) == recorded
     bigger = study.store_path(base, 0, False, build=False, views=60)

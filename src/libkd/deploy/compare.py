@@ -9,7 +9,7 @@ import torch
 
 from libkd.config import DataConfig
 from libkd.deploy.export import DEFAULT_OPSET, check_against_pytorch, check_classes, describe_command, export_onnx, optimize_onnx
-from libkd.deploy.measure import _mb, _top1, latency_ms, machine, run_over, top1_agreement, validation_batches
+from libkd.deploy.measure import size_mb, top1_percent, latency_ms, machine, run_over, top1_agreement, validation_batches
 from libkd.deploy.quantize import INT8_MODES, INT8_RECIPES, calibration_images, quantize_int8
 from libkd.deploy.runtime import FP32_FILE, ExportError, OnnxModel, pin_threads, preprocess_spec, restores_threads
 from libkd.fileio import write_json_atomic
@@ -65,7 +65,7 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
 
     def add(name: str, kind: str, runner: Callable, params: int, file: Path | None, input_size: int, **extra: Any) -> None:
         runners[name] = runner
-        rows.append({"model": name, "kind": kind, "parameters": params, "file_mb": _mb(file) if file else None,
+        rows.append({"model": name, "kind": kind, "parameters": params, "file_mb": size_mb(file) if file else None,
                      "input_size": input_size, **extra})
 
     n_params = count_parameters(model)
@@ -118,7 +118,7 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
         row["max_abs_logit_diff_vs_pytorch"] = check_against_pytorch(logits[name], logits[reference], name, opset)["max_abs_logit_diff"]
     fp32_logits = logits[eager]
     for row in rows:
-        row["top1"] = _top1(logits[row["model"]], labels)
+        row["top1"] = top1_percent(logits[row["model"]], labels)
         row["agreement_with_student_fp32"] = top1_agreement(logits[row["model"]], fp32_logits) if row["kind"] != "teacher" else None
     print(f"compare: timing {len(rows)} models ({threads} thread(s), batch 1 median of {repeats}, batch 64)", flush=True)
     with torch.inference_mode():
@@ -136,7 +136,7 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
         rows.append({"model": f"teacher ensemble ({len(chosen)}, mean probabilities; each at its faster runtime)",
                      "kind": "ensemble", "parameters": sum(r["parameters"] for r in chosen),
                      "file_mb": sum(r["file_mb"] for r in chosen), "input_size": size, "members": [r["model"] for r in chosen],
-                     "top1": _top1(probs, labels), "agreement_with_student_fp32": None,
+                     "top1": top1_percent(probs, labels), "agreement_with_student_fp32": None,
                      "latency_b1_ms": sum(r["latency_b1_ms"] for r in chosen),
                      "throughput_b64": 1.0 / sum(1.0 / r["throughput_b64"] for r in chosen)})
     record = {"student": student, "teachers": teacher_paths, "images": len(labels), "threads": threads, "repeats": repeats,

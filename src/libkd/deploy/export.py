@@ -16,10 +16,10 @@ from torch import nn
 
 from libkd.config import DataConfig
 from libkd.deploy.card import model_card
-from libkd.deploy.measure import _mb, _top1, latency_ms, machine, run_over, top1_agreement, validation_batches
+from libkd.deploy.measure import size_mb, top1_percent, latency_ms, machine, run_over, top1_agreement, validation_batches
 from libkd.deploy.quantize import INT8_RECIPES, calibration_images, quantize_int8
 from libkd.deploy.runtime import (CARD_FILE, EXPORT_FILE, FP32_FILE, INT8_FILE, PREPROCESS_FILE, TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE,
-                                  ExportError, OnnxModel, _require_onnx, pin_threads, preprocess_spec, recover_export, restores_threads)
+                                  ExportError, OnnxModel, require_onnx, pin_threads, preprocess_spec, recover_export, restores_threads)
 from libkd.fileio import write_json_atomic
 from libkd.models.checkpoint import checkpoint_data
 
@@ -31,7 +31,7 @@ TOLERANCE = 1e-3
 
 def export_onnx(model: nn.Module, input_size: int, path: Path, opset: int = DEFAULT_OPSET) -> None:
     """``model``'s forward as ONNX (dynamo exporter): input 'image' (batch, 3, S, S), output 'logits'."""
-    _require_onnx()
+    require_onnx()
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
@@ -176,17 +176,17 @@ def export_checkpoint(checkpoint: str, out: str | Path | None = None, int8: str 
         validation = {
             "images": len(labels), "max_abs_logit_diff": checked["max_abs_logit_diff"], "tolerance": checked["tolerance"],
             "top1_agreement_onnx_vs_pytorch": checked["top1_agreement"],
-            "top1_pytorch": _top1(ref, labels), "top1_onnx": _top1(logits["onnx"], labels),
+            "top1_pytorch": top1_percent(ref, labels), "top1_onnx": top1_percent(logits["onnx"], labels),
         }
         if quant:
-            validation.update({"top1_int8": _top1(logits["int8"], labels),
+            validation.update({"top1_int8": top1_percent(logits["int8"], labels),
                                "top1_agreement_int8_vs_fp32": top1_agreement(logits["int8"], logits["onnx"])})
         if write_timm_layout(model, spec, staging):
             probe = next(iter(batches))[0][:8]
             validation["timm_local_dir_max_abs_logit_diff"] = diff = timm_round_trip(staging, model, probe)
             if diff > checked["tolerance"]:
                 raise ExportError(f"timm rebuilds the exported model with logits {diff:.3g} away from PyTorch's; report it")
-        files = {name: _mb(staging / name) for name in (FP32_FILE, INT8_FILE, TIMM_WEIGHTS_FILE) if (staging / name).is_file()}
+        files = {name: size_mb(staging / name) for name in (FP32_FILE, INT8_FILE, TIMM_WEIGHTS_FILE) if (staging / name).is_file()}
         latency = {name: latency_ms(m, spec["input_size"]) for name, m in models.items()}
         record = {
             "format": "libkd-export/1", "checkpoint": str(checkpoint), "weights_sha256": meta["weights_sha256"],

@@ -36,7 +36,7 @@ def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return 100.0 * (a.argmax(-1) == b.argmax(-1)).float().mean().item()
 
 
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def top1_percent(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
 
 
@@ -81,5 +81,5 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "onnxruntime": ort.__version__, "libkd": __version__}
 
 
-def _mb(path: Path) -> float:
+def size_mb(path: Path) -> float:
     return os.path.getsize(path) / 1e6

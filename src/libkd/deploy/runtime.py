@@ -25,7 +25,7 @@ class ExportError(LibkdError):
     """An export that cannot be made, or a model folder that cannot be used."""
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
     """ONNX support is an extra: name the install line instead of failing on an import."""
     import importlib.util
 
@@ -63,7 +63,7 @@ def available_cores() -> int:
 
 def ort_session(path: str | Path, threads: int):
     """An onnxruntime CPU session with ``threads`` intra-op threads and sequential execution."""
-    _require_onnx()
+    require_onnx()
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -11,14 +11,11 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from libkd import LibkdError
 from libkd.config import load_config
-from libkd.study.plan import _log, _with
-
-if TYPE_CHECKING:
-    from libkd.study.runner import Study
+from libkd.study.plan import StudyState, study_log, with_overrides
 
 PARKED = "parked"  # results/parked/runs/NAME-sS or results/parked/tune/TRIAL: the folder's place in the study's OUT
 PARKED_FILES = ("last_state.pt", "metrics.jsonl", "config.yaml")
@@ -29,7 +26,7 @@ class TrainingNeeded(LibkdError):
     or a run not finished here."""
 
 
-def parked_folder(study: Study, out: Path) -> Path | None:
+def parked_folder(study: StudyState, out: Path) -> Path | None:
     """Where the run (or search trial) training in ``out`` is parked (None: the study has no results folder, or ``out``
     is outside the study's OUT, such as another study's run read as one of this study's)."""
     if study.results is None or not Path(out).is_relative_to(study.out):
@@ -53,7 +50,7 @@ def epochs_done(state: Path) -> int:
     return int(load_resume_state(state, torch.device("cpu"))["epoch"])
 
 
-def saved_epoch(study: Study, out: Path) -> int:
+def saved_epoch(study: StudyState, out: Path) -> int:
     """Epochs done by the run training in ``out``: by its own saved state, else by the one parked
     for it (0: neither)."""
     for folder in (out, parked_folder(study, out)):
@@ -62,7 +59,7 @@ def saved_epoch(study: Study, out: Path) -> int:
     return 0
 
 
-def unfinished(study: Study) -> list[Path]:
+def unfinished(study: StudyState) -> list[Path]:
     """The folders of the study's runs (of ``study.only``, when set) and search trials with a saved epoch, unfinished."""
     trials_file = study.results / "tune-trials.json" if study.results else None
     landed_trials = json.loads(trials_file.read_text()) if trials_file and trials_file.is_file() else {}
@@ -74,7 +71,7 @@ def unfinished(study: Study) -> list[Path]:
     return [folder for folder in folders if _state(folder).is_file()]
 
 
-def park(study: Study) -> list[Path]:
+def park(study: StudyState) -> list[Path]:
     """Copy the last saved epoch of every unfinished run and search trial to ``results/parked/``, with its curve so far
     and the study's timings, for a fresh machine to go on from once committed; returns the parked folders."""
     from libkd.fileio import write_json_atomic
@@ -93,20 +90,20 @@ def park(study: Study) -> list[Path]:
         epoch = epochs_done(_state(target))  # the copy's: the run may have saved another epoch since
         epochs = load_config(out / "config.yaml").train.epochs
         size = _state(target).stat().st_size
-        _log(f"parked {out.name} at epoch {epoch}/{epochs} ({size / 2**20:.1f} MiB) -> {target}: commit it, and "
+        study_log(f"parked {out.name} at epoch {epoch}/{epochs} ({size / 2**20:.1f} MiB) -> {target}: commit it, and "
              f"`libkd study` on another machine goes on from epoch {epoch}")
         parked.append(target)
     if parked and (study.out / "timings.json").is_file():  # the time the parked runs have spent so far
         write_json_atomic(study.results / "timings.json", json.loads((study.out / "timings.json").read_text()))
     if not parked:
-        _log("nothing to park: no unfinished run or trial with a saved epoch"
+        study_log("nothing to park: no unfinished run or trial with a saved epoch"
              + (f" among {', '.join(sorted(study.only))}" if study.only else ""))
     else:
         write_summary_training_nothing(study)
     return parked
 
 
-def write_summary_training_nothing(study: Study) -> Path | None:
+def write_summary_training_nothing(study: StudyState) -> Path | None:
     """Rewrite the study's report and study.md (copied to its results) over the runs finished here or committed, with
     the parked runs' progress, training nothing; None (logged) when a teacher or a global search stage is not done."""
     extended = study
@@ -115,16 +112,16 @@ def write_summary_training_nothing(study: Study) -> Path | None:
         extended = extended.parent
     try:
         study.train_teachers()
-        study.final_base = _with(study.base, study.tune())
+        study.final_base = with_overrides(study.base, study.tune())
     except TrainingNeeded as exc:
-        _log(f"study.md not rewritten: {exc}")
+        study_log(f"study.md not rewritten: {exc}")
         return None
     summary = study.write_results()
-    _log(f"summary rewritten with the parked runs: {summary}")
+    study_log(f"summary rewritten with the parked runs: {summary}")
     return summary
 
 
-def unpark(study: Study, out: Path) -> Path | None:
+def unpark(study: StudyState, out: Path) -> Path | None:
     """Put the state parked for the run in ``out`` there when this machine has none of its own, or an older one
     (``distill`` then resumes from it, after checking it is the same run); returns where it came from."""
     parked = parked_folder(study, out)
@@ -132,7 +129,7 @@ def unpark(study: Study, out: Path) -> Path | None:
         return None
     mine = epochs_done(_state(out)) if _state(out).is_file() else None
     if mine is not None and epochs_done(_state(parked)) > mine:
-        _log(f"{out.name}: the parked state in '{parked}' is further along than this machine's (epoch "
+        study_log(f"{out.name}: the parked state in '{parked}' is further along than this machine's (epoch "
              f"{epochs_done(_state(parked))} against {mine}): going on from it")
         mine = None
     if mine is None:
@@ -140,7 +137,7 @@ def unpark(study: Study, out: Path) -> Path | None:
         for item in PARKED_FILES:
             if (parked / item).is_file():
                 shutil.copy2(parked / item, out / item)
-        _log(f"{out.name}: going on from the parked state in '{parked}'")
+        study_log(f"{out.name}: going on from the parked state in '{parked}'")
     return parked
 
 
@@ -176,7 +173,7 @@ class ParkDeadline:
 
     def stop(self) -> None:
         """The deadline (called by the timer): have the main thread raise DeadlineReached at its next step."""
-        _log(f"--park-after: {self.seconds / 3600:.2f} h reached, stopping the study to park what it trains")
+        study_log(f"--park-after: {self.seconds / 3600:.2f} h reached, stopping the study to park what it trains")
         _thread.interrupt_main(self.SIGNAL)
 
     def _raise(self, signum: int, frame: Any) -> None:

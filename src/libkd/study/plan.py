@@ -7,12 +7,42 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ContextManager, Literal, Protocol, Union
 
 from pydantic import Field, model_validator
 
 from libkd.config import (AugmentConfig, ConfigError, ExperimentConfig, ModelConfig, ReplayConfig, Section, StoreConfig, TrainConfig,
                           apply_override, load_config, validate_config)
+
+
+class StudyState(Protocol):
+    """What the study's steps (search, park, summary, verdicts) read of a study in progress and call back on: its
+    config, folders and choices so far, and the runner's steps they drive. The runner's ``Study`` is one; the steps
+    know it only through this, so nothing below the runner imports it."""
+
+    cfg: "StudyConfig"
+    out: Path
+    results: Path | None
+    parent: "StudyState | None"
+    only: set[str] | None
+    dry: bool
+    base: ExperimentConfig
+    final_base: ExperimentConfig | None
+    spec: dict[str, "RunSpec"]
+    unsearched: set[str]
+    chosen_by_run: dict[str, dict[str, Any]]
+    own_search: dict[str, dict[str, Any]]
+
+    def tune(self) -> dict[str, Any]: ...
+    def train_teachers(self) -> None: ...
+    def write_results(self) -> Path: ...
+    def planned_runs(self) -> list[tuple["RunSpec", int, str]]: ...
+    def finished_runs(self) -> list[tuple["RunSpec", int, Path]]: ...
+    def base_for(self, spec: "RunSpec") -> ExperimentConfig: ...
+    def run_config(self, spec: "RunSpec", seed: int, base: ExperimentConfig, out: Path, stores: str = "stores",
+                   build: bool = True, views: int | None = None) -> ExperimentConfig: ...
+    def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]: ...
+    def timed(self, key: str) -> ContextManager[None]: ...
 
 
 class TeacherSpec(Section):
@@ -151,11 +181,11 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
     values = {**parent.model_dump(mode="json", include=set(INHERITED), exclude_unset=True),
               **cfg.model_dump(mode="json", exclude_unset=True)}  # unset stays unset (store mode checks what is set)
     merged = validate_config(values, StudyConfig, f" in '{path}' (with the base, teachers and store of '{cfg.extends}')")
-    _with(merged.base, merged.set)  # a bad key in set: fails now, by name
+    with_overrides(merged.base, merged.set)  # a bad key in set: fails now, by name
     return merged
 
 
-def _with(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+def with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
     """``cfg`` with dotted-key overrides such as {'train.lr': 1e-3}, validated like --set."""
     values = cfg.model_dump(mode="json", exclude_unset=True)
     for key, value in overrides.items():
@@ -163,9 +193,11 @@ def _with(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
     return validate_config(values, origin=f" with {overrides}")
 
 
-def _short_hash(value: Any) -> str:
+def short_hash(value: Any) -> str:
+    """The first 8 hex digits of the sha256 of ``value``'s canonical JSON: a folder name's fingerprint."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _log(message: str) -> None:
+def study_log(message: str) -> None:
+    """One timestamped line of a study's progress."""
     print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -14,7 +14,7 @@ from typing import Any
 from libkd import LibkdError
 from libkd.config import ExperimentConfig, load_config
 from libkd.study.park import TrainingNeeded, epochs_done, saved_epoch, unpark
-from libkd.study.plan import HOW_BUILT, RunSpec, StudyConfig, _log, _short_hash, _with, load_study
+from libkd.study.plan import HOW_BUILT, RunSpec, StudyConfig, study_log, short_hash, with_overrides, load_study
 from libkd.study.search import search
 from libkd.study.summary import summary_markdown
 
@@ -111,7 +111,7 @@ class Study:
         from libkd.train_teacher import train_teacher
 
         if self.parent:
-            _log(f"teachers: those of '{self.cfg.extends}'")
+            study_log(f"teachers: those of '{self.cfg.extends}'")
             self.parent.train_teachers()
             return
         for name, spec in self.cfg.teachers.items():
@@ -125,7 +125,7 @@ class Study:
                 continue
             if self.dry and not (folder / TEACHER_WEIGHTS).is_file():
                 raise TrainingNeeded(f"teacher '{name}' is not trained yet")
-            _log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
+            study_log(f"teacher '{name}' ({spec.teacher.name}, {spec.train.epochs} epochs) -> {teacher_cfg.out}")
             with self.timed(f"teacher {name}"):
                 train_teacher(teacher_cfg)
             if landed is None:
@@ -146,7 +146,7 @@ class Study:
             if size <= COMMIT_WEIGHTS_MAX_BYTES:
                 shutil.copy2(folder / TEACHER_WEIGHTS, landed / TEACHER_WEIGHTS)
             else:
-                _log(f"teacher '{name}': weights of {size / 2**20:.0f} MiB are not copied to '{landed}' (over "
+                study_log(f"teacher '{name}': weights of {size / 2**20:.0f} MiB are not copied to '{landed}' (over "
                      f"{COMMIT_WEIGHTS_MAX_BYTES // 2**20} MiB); another machine must retrain it to the same weights")
 
     def _take_committed_teacher(self, name: str, teacher_cfg: ExperimentConfig, landed: Path) -> None:
@@ -164,14 +164,14 @@ class Study:
         if (folder / "teacher.json").is_file():
             mine = json.loads((folder / "teacher.json").read_text())["weights_sha256"]
             if mine == theirs:
-                _log(f"teacher '{name}': the committed one ({theirs[:16]}) is already in '{folder}'")
+                study_log(f"teacher '{name}': the committed one ({theirs[:16]}) is already in '{folder}'")
                 return
             raise LibkdError(f"'{folder}' holds a teacher '{name}' with weights {mine[:16]}, not the {theirs[:16]} committed "
                              f"in '{landed}' that the study's runs learned from; delete '{folder}' to use the committed one")
         folder.mkdir(parents=True, exist_ok=True)
         for item in (*TEACHER_FILES, TEACHER_WEIGHTS):
             shutil.copy2(landed / item, folder / item)
-        _log(f"teacher '{name}': using the committed weights {theirs[:16]} from '{landed}' "
+        study_log(f"teacher '{name}': using the committed weights {theirs[:16]} from '{landed}' "
              f"(val top-1 {record.get('metrics', {}).get('val_top1', float('nan')):.2f}), not retraining")
 
     def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores", build: bool = True,
@@ -189,7 +189,7 @@ class Study:
                "store": settings.model_dump(mode="json", exclude={"path", "teachers", *HOW_BUILT})}
         if naive:  # one clean view: no seed enters it, so every run shares one store
             seed = self.cfg.seeds[0]
-        path = self.out / where / (f"naive-{_short_hash(key)}" if naive else f"seed{seed}-{_short_hash(key)}")
+        path = self.out / where / (f"naive-{short_hash(key)}" if naive else f"seed{seed}-{short_hash(key)}")
         replay = base.replay.model_copy(update={"enabled": False}) if naive else base.replay
         store = settings.model_copy(update={"path": str(path), "views": 1 if naive else settings.views,
                                             "teachers": [self.teacher_path(t) for t in self.cfg.teachers],
@@ -200,7 +200,7 @@ class Study:
             held_from = json.loads((path / "manifest.json").read_text()).get("first_view", 0) \
                 if (path / "manifest.json").is_file() else None
             if held_from is not None and held_from > first_view:  # views this run reads are missing: a store of them all
-                _log(f"store {path.name} holds views {held_from}..{store.views - 1} only and this run reads view "
+                study_log(f"store {path.name} holds views {held_from}..{store.views - 1} only and this run reads view "
                      f"{first_view}: rebuilding it")
                 shutil.rmtree(path)
                 self.verified.discard(str(path))
@@ -210,12 +210,12 @@ class Study:
             store.grow_from = _smaller_store(path, base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
         grown = f", grown from {Path(store.grow_from).name}" if store.grow_from else ""
         window = f" (views {store.first_view}..{store.views - 1} only: its run goes on from there)" if store.first_view else ""
-        _log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'}{window}{grown} -> {path}")
+        study_log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'}{window}{grown} -> {path}")
         with self.timed(f"store {where}/{path.name}"):
             precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
         if str(path) not in self.verified:  # checksums, and a sample of records recomputed by the teachers
             result = verify_store(path, self.cfg.store.verify_samples, base.device, seed)  # where it was built
-            _log(f"store {path.name} verified: {result['checked_records']} records recomputed, max |diff| {result['max_abs_diff']:.3g}")
+            study_log(f"store {path.name} verified: {result['checked_records']} records recomputed, max |diff| {result['max_abs_diff']:.3g}")
             self.verified.add(str(path))
         return str(path)
 
@@ -254,7 +254,7 @@ class Study:
         parked = unpark(self, out)
         if trained_here(out, cfg.train.epochs):  # trained, not yet evaluated: its settings checked, its store not needed
             _check_landed(out, cfg, ("seed", "student", "train", "distill", "replay"))
-            _log(f"'{out}' is trained ({cfg.train.epochs} epochs): reusing it, without its store")
+            study_log(f"'{out}' is trained ({cfg.train.epochs} epochs): reusing it, without its store")
             final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         else:
             try:
@@ -271,7 +271,7 @@ class Study:
             write_json_atomic(target, result)
         if parked is not None:  # finished here: the parked state has served
             shutil.rmtree(parked)
-            _log(f"'{out}' finished: its parked state '{parked}' is removed (commit the removal with its results)")
+            study_log(f"'{out}' finished: its parked state '{parked}' is removed (commit the removal with its results)")
         return final
 
     def base_for(self, spec: RunSpec) -> ExperimentConfig:
@@ -284,7 +284,7 @@ class Study:
         searched = self.own_search if self.parent else self.chosen_by_run
         inherited = self.chosen_by_run.get(spec.name, {}) if self.parent else {}
         own = {**inherited, **self.cfg.set, **spec.set, **searched.get(spec.name, {})}
-        return _with(self.final_base, own) if own else self.final_base
+        return with_overrides(self.final_base, own) if own else self.final_base
 
     def tune(self) -> dict[str, Any]:
         """Run the settings search (``libkd.study.search``); returns the chosen overrides, the choices of run-scoped
@@ -302,7 +302,7 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         self.train_teachers()
         chosen = self.tune()
-        base = _with(self.base, chosen)
+        base = with_overrides(self.base, chosen)
         plan = self.planned_runs()
         self.final_base = base
         for n, (spec, seed, name) in enumerate(plan, 1):
@@ -313,7 +313,7 @@ class Study:
             landed = None if here else self.landed_run(spec, seed, name)
             state = ("done, reusing it" if here else
                      f"done, reusing the committed run in {landed}" if landed else "running")
-            _log(f"run {n}/{len(plan)}: {name} ({spec.mode}, teachers {spec.teachers or '-'}, {spec.combine}"
+            study_log(f"run {n}/{len(plan)}: {name} ({spec.mode}, teachers {spec.teachers or '-'}, {spec.combine}"
                  f"{', naive store' if spec.naive_store else ''}): {state}")
             if landed:
                 continue
@@ -322,7 +322,7 @@ class Study:
                 self.distill_and_evaluate(cfg, evaluate=True)
             self.write_results()
         summary = self.write_results()
-        _log(f"summary over seeds and the claims: {summary}")
+        study_log(f"summary over seeds and the claims: {summary}")
         return summary.with_name("report.md")
 
     # ------------------------------------------------------------------ report

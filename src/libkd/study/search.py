@@ -6,25 +6,22 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from libkd.config import ExperimentConfig
 from libkd.engine import RESUMABLE_TRAIN_KEYS
 from libkd.study.park import TrainingNeeded
-from libkd.study.plan import HOW_BUILT, TuneConfig, _log, _short_hash, _with
-
-if TYPE_CHECKING:
-    from libkd.study.runner import Study
+from libkd.study.plan import HOW_BUILT, StudyState, TuneConfig, study_log, short_hash, with_overrides
 
 
-def search(study: "Study") -> dict[str, Any]:
+def search(study: StudyState) -> dict[str, Any]:
     """Run every stage's grid on the held-out split; returns the chosen overrides (also in tune/tuning.json);
     the choices of run-scoped stages go to ``chosen_by_run``."""
     if study.parent:
-        _log(f"settings: those searched by '{study.cfg.extends}', then {study.cfg.set or 'nothing'} on top")
+        study_log(f"settings: those searched by '{study.cfg.extends}', then {study.cfg.set or 'nothing'} on top")
         chosen = study.parent.tune()
         study.chosen_by_run = study.parent.chosen_by_run
-        study.parent.final_base = _with(study.parent.base, chosen)
+        study.parent.final_base = with_overrides(study.parent.base, chosen)
         if study.cfg.tune is not None and study.cfg.tune.stages:  # its own runs' searches, on top of all that
             _search_stages(study, study.cfg.tune, {**chosen, **study.cfg.set}, study.own_search)
         return {**chosen, **study.cfg.set}
@@ -33,7 +30,7 @@ def search(study: "Study") -> dict[str, Any]:
     return _search_stages(study, study.cfg.tune, {}, study.chosen_by_run)
 
 
-def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], into: dict[str, dict[str, Any]]
+def _search_stages(study: StudyState, tune: TuneConfig, chosen: dict[str, Any], into: dict[str, dict[str, Any]]
                    ) -> dict[str, Any]:
     """Run (or reuse) every stage of ``tune`` from the settings ``chosen`` so far; returns the global choices and puts
     the run-scoped ones ``into`` the given dict (a study's ``chosen_by_run``, or its ``own_search`` when it extends
@@ -45,11 +42,11 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
         record = json.loads(landed.read_text())
         if _same_search(record, tune) and record.get("basis", basis) == basis:
             unknown = "" if "basis" in record else " (recorded without the fingerprint of the settings it searched from)"
-            _log(f"settings search: reusing the committed {landed}{unknown}: {record['chosen']}")
+            study_log(f"settings search: reusing the committed {landed}{unknown}: {record['chosen']}")
             into.update(record.get("chosen_by_run", {}))
             return record["chosen"]
         why = "another grid" if not _same_search(record, tune) else "from other base settings or teachers"
-        _log(f"settings search: {landed} searched {why}; searching again, reusing each landed trial whose config matches")
+        study_log(f"settings search: {landed} searched {why}; searching again, reusing each landed trial whose config matches")
         record = []
     # Committed trials (a search can take hours): each reused when its whole config matches.
     trials_file = study.results / "tune-trials.json" if study.results else None
@@ -62,11 +59,11 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
         trials, epochs = [], stage.epochs or tune.epochs
         for choice in itertools.product(*stage.grid):
             overrides = {k: v for part in choice for k, v in part.items()}
-            trial_base = _with(study.base, {**chosen, **by_run.get(stage.run, {}), **spec.set, **overrides,
+            trial_base = with_overrides(study.base, {**chosen, **by_run.get(stage.run, {}), **spec.set, **overrides,
                                            "data.holdout": tune.holdout, **({"train.epochs": epochs} if epochs else {})})
-            name = f"stage{s}-{stage.run}-{_short_hash(overrides)}"
+            name = f"stage{s}-{stage.run}-{short_hash(overrides)}"
             if not waiting:
-                _log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
+                study_log(f"tuning stage {s} ({stage.run}), trial {len(trials) + 1}/{_grid_size(stage.grid)}: {overrides}")
             out = study.out / "tune" / name
             # A trial of E epochs reads views 0..E-1 only: a store of that many views gives the very same targets.
             views = min(spec.views, trial_base.train.epochs) if spec.views else None
@@ -76,7 +73,7 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
             # A trial trained here is reused through its run folder below; an invocation that trains nothing for
             # this stage (a --park summary, another run's --runs) takes it from the trials file all the same.
             if landed and landed["config_sha"] in (config_sha, legacy_sha) and (waiting or not here):
-                _log(f"trial {name}: done, reusing it" +
+                study_log(f"trial {name}: done, reusing it" +
                      ("" if here else f" (the committed trial in {trials_file})"))
                 trials.append({k: landed[k] for k in ("trial", "overrides", "holdout_top1")})
                 continue
@@ -95,7 +92,7 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
                 trials_file.parent.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(trials_file, done)
         if waiting and len(trials) < _grid_size(stage.grid):
-            _log(f"tuning stage {s} ({stage.run}): {len(trials)} of {_grid_size(stage.grid)} trials landed, the rest left "
+            study_log(f"tuning stage {s} ({stage.run}): {len(trials)} of {_grid_size(stage.grid)} trials landed, the rest left "
                  f"for an invocation that runs {stage.run} (--runs)")
             record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": None,
                            "grid_size": _grid_size(stage.grid), **({"epochs": stage.epochs} if stage.epochs else {})})
@@ -105,7 +102,7 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
         (by_run.setdefault(stage.run, {}) if stage.scope == "run" else chosen).update(best["overrides"])
         record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": best["trial"],
                        **({"epochs": stage.epochs} if stage.epochs else {})})
-        _log(f"tuning stage {s}: chose {best['overrides']} (held-out top-1 {best['holdout_top1']:.2f})")
+        study_log(f"tuning stage {s}: chose {best['overrides']} (held-out top-1 {best['holdout_top1']:.2f})")
     from libkd.fileio import write_json_atomic
 
     into.update(by_run)
@@ -119,12 +116,12 @@ def _search_stages(study: "Study", tune: TuneConfig, chosen: dict[str, Any], int
     return chosen
 
 
-def search_basis(study: "Study", chosen: dict[str, Any]) -> str:
+def search_basis(study: StudyState, chosen: dict[str, Any]) -> str:
     """The fingerprint of what a search starts from: the study's base (less where it runs and how it loads data), the
     settings chosen before it, its teachers and seed. A committed search from another basis is not reused."""
     base = study.base.model_dump(mode="json", exclude={"out": True, "device": True, "train": set(RESUMABLE_TRAIN_KEYS)})
     teachers = {name: spec.model_dump(mode="json") for name, spec in study.cfg.teachers.items()}
-    return _short_hash({"base": base, "chosen": chosen, "teachers": teachers, "seed": study.cfg.seeds[0]})
+    return short_hash({"base": base, "chosen": chosen, "teachers": teachers, "seed": study.cfg.seeds[0]})
 
 
 def trial_fingerprints(cfg: ExperimentConfig, config_workers: int) -> tuple[str, str]:
@@ -132,9 +129,9 @@ def trial_fingerprints(cfg: ExperimentConfig, config_workers: int) -> tuple[str,
     train keys a run resumes across, ``--workers`` included). Second, the form trials were recorded under before
     (train.workers at the config's own value counted): a trial recorded so is still the same trial."""
     skip = {"out": True, "distill": {"store": True, "teachers": True}, "store": set(HOW_BUILT)}
-    current = _short_hash(cfg.model_dump(mode="json", exclude={**skip, "train": set(RESUMABLE_TRAIN_KEYS)}))
+    current = short_hash(cfg.model_dump(mode="json", exclude={**skip, "train": set(RESUMABLE_TRAIN_KEYS)}))
     legacy = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": config_workers})})
-    return current, _short_hash(legacy.model_dump(mode="json", exclude=skip))
+    return current, short_hash(legacy.model_dump(mode="json", exclude=skip))
 
 
 def _same_search(record: dict[str, Any], tune: TuneConfig) -> bool:

@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from libkd.study.park import parked_folder
-from libkd.study.plan import RunSpec
-from libkd.study.verdicts import _by_run, claims, gain_changes
-
-if TYPE_CHECKING:
-    from libkd.study.runner import Study
+from libkd.study.plan import RunSpec, StudyState
+from libkd.study.verdicts import results_by_run, claims, gain_changes
 
 
 def _mean_spread(values: list[float]) -> str:
@@ -22,7 +19,7 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _not_landed(study: Study, spec: RunSpec) -> str:
+def _not_landed(study: StudyState, spec: RunSpec) -> str:
     """'not run yet', or how far its parked seeds have come (the saved epoch committed for it)."""
     from libkd.config import load_config
 
@@ -39,9 +36,9 @@ def _not_landed(study: Study, spec: RunSpec) -> str:
     return "; ".join(notes) or "not run yet"
 
 
-def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) -> str:
+def summary_markdown(study: StudyState, finished: list[tuple[RunSpec, int, Path]]) -> str:
     """Mean and spread over seeds per run, the tuning record, and each claim checked against the figures."""
-    by_run = _by_run(finished)
+    by_run = results_by_run(finished)
     cfg = study.cfg
     base = study.final_base or cfg.base
     planned = {spec.name: study.base_for(spec) if study.final_base else base for spec in cfg.runs}
@@ -71,7 +68,7 @@ def summary_markdown(study: Study, finished: list[tuple[RunSpec, int, Path]]) ->
             described + f"{len(rows)}/{spec.seeds} | **{_mean_spread([r['top1'] for r in rows])}** | "
             f"{', '.join(format(r['top1'], '.2f') for r in rows)} | {statistics.mean(r['ece'] for r in rows):.3f} | "
             f"{statistics.mean(r['img_s'] for r in rows):.0f} | {statistics.mean(r['train_s'] for r in rows) / 60:.1f} min |")
-    parent = _by_run(study.parent.finished_runs()) if study.parent is not None and study.parent.final_base else None
+    parent = results_by_run(study.parent.finished_runs()) if study.parent is not None and study.parent.final_base else None
     along = training_table(study, by_run, parent)
     if along:
         lines += ["", "## Along training", "", *along]
@@ -108,7 +105,7 @@ def _schedule(rows: list[dict[str, Any]]) -> int | None:
     return max((max(r["curve"]) for r in rows if r.get("curve")), default=None)
 
 
-def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
+def training_table(study: StudyState, by_run: dict[str, list[dict[str, Any]]],
                    parent: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
     """Test top-1 along training, mean over seeds, with each distilled run's gain over the run without teachers at
     the same epoch; the study this one extends (``parent``) gives its final figures as a last column; the share of the
@@ -164,7 +161,7 @@ def training_table(study: Study, by_run: dict[str, list[dict[str, Any]]],
     return lines
 
 
-def _along_training(study: Study, by_run: dict[str, list[dict[str, Any]]], names: list[str], baseline: str | None,
+def _along_training(study: StudyState, by_run: dict[str, list[dict[str, Any]]], names: list[str], baseline: str | None,
                     parent: dict[str, list[dict[str, Any]]] | None) -> list[str]:
     """The table along training of runs of one schedule, gains over ``baseline`` (of the same schedule)."""
     scored = sorted(set.intersection(*(set(r["curve"]) for n in names for r in by_run[n])))

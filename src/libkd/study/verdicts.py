@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from libkd.study.plan import RunSpec, StudyConfig
-
-if TYPE_CHECKING:
-    from libkd.study.runner import Study
+from libkd.study.plan import RunSpec, StudyConfig, StudyState
 
 
-def _by_run(finished: list[tuple[RunSpec, int, Path]]) -> dict[str, list[dict[str, Any]]]:
+def results_by_run(finished: list[tuple[RunSpec, int, Path]]) -> dict[str, list[dict[str, Any]]]:
     """Each run's finished seeds: test top-1, ECE, training time and speed."""
     from libkd.report import load_run
 
@@ -115,7 +112,7 @@ def weakest(verdicts: list[str]) -> str:
     return HOLDS
 
 
-def _missing(study: Study, names: list[str | None], by_run: dict[str, list[dict[str, Any]]], what: str) -> str | None:
+def _missing(study: StudyState, names: list[str | None], by_run: dict[str, list[dict[str, Any]]], what: str) -> str | None:
     """None when every named run has finished; else the 'not tested' line naming what is missing."""
     absent = [n for n in names if n is None]
     unfinished = [n for n in names if n is not None and n not in by_run]
@@ -126,17 +123,17 @@ def _missing(study: Study, names: list[str | None], by_run: dict[str, list[dict[
     return "; ".join(parts)
 
 
-def seed_noise(study: Study, by_run: dict[str, list[dict[str, Any]]],
+def seed_noise(study: StudyState, by_run: dict[str, list[dict[str, Any]]],
                parent: dict[str, list[dict[str, Any]]] | None = None) -> tuple[float | None, int, bool]:
     """(pooled seed standard deviation, its degrees of freedom, whether it was borrowed): with one seed per run here,
     the seed spread of the study this one extends (``parent``, its runs, read when not given), at its schedule."""
     sd, dof = pooled_sd(by_run)
     if sd is None and study.parent is not None and study.parent.final_base is not None:
-        return (*pooled_sd(parent if parent is not None else _by_run(study.parent.finished_runs())), True)
+        return (*pooled_sd(parent if parent is not None else results_by_run(study.parent.finished_runs())), True)
     return sd, dof, False
 
 
-def claims(study: Study, by_run: dict[str, list[dict[str, Any]]],
+def claims(study: StudyState, by_run: dict[str, list[dict[str, Any]]],
            parent: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
     """The method's claims, each with a noise-aware verdict (see NOISE_RULE) and the figures that decide it;
     ``parent``: the runs of the study this one extends, when already read."""
@@ -207,7 +204,7 @@ def claims(study: Study, by_run: dict[str, list[dict[str, Any]]],
     return lines + ["", f"Seed noise: {noise}. {NOISE_RULE}"]
 
 
-def gain_changes(study: Study, by_run: dict[str, list[dict[str, Any]]], parent: dict[str, list[dict[str, Any]]],
+def gain_changes(study: StudyState, by_run: dict[str, list[dict[str, Any]]], parent: dict[str, list[dict[str, Any]]],
                  baseline: str) -> list[str]:
     """Whether each run's final gain over ``baseline`` grew or shrank against the study this one extends, judged by
     the noise rule: the change of gain against t SE, SE = s * sqrt(1/n + 1/n_base + 1/n' + 1/n'_base)."""
