@@ -26,7 +26,7 @@ from libkd import LibkdError
 from libkd.config import DistillConfig, ExperimentConfig, ReplayConfig, StoreConfig, TrainConfig, save_config
 from libkd.data import cache_dir, load_splits
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
-from libkd.distributed import barrier, setup
+from libkd.distributed import barrier, setup_processes
 from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, save_resume_state, seed_everything,
                           train_one_epoch, worker_init, write_history)
 from libkd.evaluate import collect, score, token_agreement, val_loader
@@ -108,13 +108,10 @@ def _store_columns(cfg: ExperimentConfig, m: dict[str, Any]) -> list[int]:
 
 def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train the student as ``cfg.distill`` says; returns the last epoch's metrics."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world, device = setup(cfg.device)
-    if cfg.train.batch_size % world:
-        raise LibkdError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide by the {world} processes")
+    (out := Path(cfg.out)).mkdir(parents=True, exist_ok=True)
+    rank, world, device = setup_processes(cfg)
     mode = cfg.distill.mode
-    naive, manifest, store, teachers, columns = False, None, None, [], []
+    naive, manifest = False, None
     if mode == "store":
         cfg, manifest, naive = _store_settings(cfg)
     seed_everything(cfg.seed)
@@ -126,44 +123,15 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     # A hard target of one teacher is its argmax, the same at any tau; that of a mean token is the argmax of the mean of
     # the tempered distributions, which depends on tau: those are read at tau like soft targets.
     read_tau = cfg.distill.tau if cfg.distill.kind == "soft" or cfg.distill.combine == "mean" else 1.0
-    if mode == "store":
-        store = _open_store(cfg, manifest, train, size, mean, std)
-        columns = _store_columns(cfg, manifest)
-        if manifest["encoding"] == "topk" and read_tau != 1.0:
-            if store.taus:
-                tail_column(store.taus, read_tau)  # an unstored tau fails now, not at the first batch
-            else:
-                _untempered_tails(cfg, store, read_tau)
-        teacher_names = [manifest["teachers"][i]["name"] for i in columns]
-        kinds = [manifest.get("teacher_kinds", [])[i] for i in columns] if manifest.get("teacher_kinds") else []
-    elif mode == "online":
-        teachers = load_teachers(cfg.distill.teachers, train.classes, device)
-        teacher_names = [t.meta["arch"]["name"] for t in teachers]
-        kinds = [teacher_kind(t.model) for t in teachers]
-    else:
-        teacher_names, kinds = [], []
+    store, columns, teachers, teacher_names, kinds = _targets(cfg, manifest, train, (size, mean, std), read_tau, device)
     num_teachers = len(teacher_names)
-    if cfg.distill.weights and (len(cfg.distill.weights) != num_teachers or cfg.distill.combine == "mean"):
-        raise LibkdError(f"distill.weights has {len(cfg.distill.weights)} entries for {num_teachers} teacher(s)"
-                         + (" (combine=mean takes no weights)" if cfg.distill.combine == "mean" else ""))
-    tokens = 0 if not num_teachers else 1 if cfg.distill.combine == "mean" else num_teachers
+    tokens = _tokens(cfg, num_teachers)
 
-    student_kwargs = {"num_teachers": tokens, "head_mode": cfg.student.head_mode, "img_size": size, **cfg.student.kwargs}
-    if cfg.student.kwargs.get("stem") == "aligned" and "teacher_kinds" not in cfg.student.kwargs:
-        student_kwargs["teacher_kinds"] = kinds if tokens == num_teachers else kinds[:1]
-    seed_everything(cfg.seed)  # the same initial student in every mode, whatever loading the teachers drew
-    model = create_model(cfg.student.name, train.num_classes, **student_kwargs).to(device)
-    arch = {"name": cfg.student.name, "num_classes": train.num_classes, "cifar_stem": False, "kwargs": student_kwargs}
-    augment = ReplayAugment(train, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
-    # Each rank takes every world-th sample of the epoch's order, so the global batch holds the same
-    # samples as one process's batch would.
-    sampler = ReplaySampler(len(train), cfg.seed, views=views, rank=rank, world=world)
-    local_batch = cfg.train.batch_size // world
-    loader = torch.utils.data.DataLoader(
-        ReplayDataset(augment), sampler=sampler, batch_size=local_batch, drop_last=len(sampler) > local_batch,
-        num_workers=cfg.train.workers, persistent_workers=cfg.train.workers > 0, pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init if cfg.train.workers else None,
-        collate_fn=WithStoredTargets(store, columns, read_tau) if store is not None else None)
+    model, arch = _student(cfg, train.num_classes, size, tokens, kinds if tokens == num_teachers else kinds[:1], device)
+    student_kwargs = arch["kwargs"]
+    loader = _train_loader(cfg, train, (size, mean, std), views, rank, world, device,
+                           WithStoredTargets(store, columns, read_tau) if store is not None else None)
+    sampler = loader.sampler
     spec = {"input_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std}
     evaluation, _ = val_loader(cfg.data, spec, cfg.train.eval_batch_size, cfg.seed, cfg.train.workers)
     # Each token's agreement with its teacher on the validation split at every scored epoch: does the student learn
@@ -183,70 +151,35 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
            "combine": cfg.distill.combine if num_teachers else None, "tokens": tokens, "views": views,
            "store": None if store is None else {"path": str(store.root), "identity": {k: manifest.get(k) for k in
                                                                                       ("dataset", "teachers", "augmentation", "replay_probe")}},
-           "teacher_checkpoints": [t.path for t in teachers] if teachers else
-           [manifest["teacher_checkpoints"][i] for i in columns] if manifest else []}
-    identity = {"run": json.loads(json.dumps(run)), "student": student_kwargs | {"name": cfg.student.name},
-                "train": cfg.train.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS),
-                "distill": cfg.distill.model_dump(mode="json"), "replay": recipe_hash(cfg.replay), "seed": cfg.seed,
-                "inputs": spec}
+           "teacher_checkpoints": teacher_paths}
+    identity = _run_identity(cfg, run, student_kwargs, spec)
     # Recorded for evaluate (which teachers, in token order; the temperature of a mean token), not part of the identity.
     run.update(tau=cfg.distill.tau, alpha=cfg.distill.alpha,
                teacher_sha256=[t.meta["weights_sha256"] for t in teachers] if teachers else
                [manifest["teachers"][i]["weights_sha256"] for i in columns] if manifest else [])
     log = print if rank == 0 else (lambda *a, **k: None)
-    ema = None
-    if cfg.train.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    ema = _weight_ema(model, cfg.train.ema_decay)
     start_epoch, history = resume(out / STATE_FILE, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler,
                                   extra={"ema": ema.module} if ema else None,
                                   defaults={"train": TrainConfig.field_defaults(), "distill": DistillConfig.field_defaults()})
-    if store is not None and store.first_view and start_epoch < cfg.train.epochs:
-        needed = min(epoch % views for epoch in range(start_epoch, cfg.train.epochs))
-        if needed < store.first_view:
-            raise LibkdError(f"store '{store.root}' holds views {store.first_view}..{views - 1} only (store.first_view="
-                             f"{store.first_view}) and this run, from epoch {start_epoch}, reads view {needed}: build its store "
-                             f"with store.first_view={needed} or lower (0: every view), or resume the run from a later epoch")
-    if start_epoch >= cfg.train.epochs:
-        log(f"'{out}' is already complete ({start_epoch} epochs): reusing it")
-    elif start_epoch:
-        log(f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
+    _check_views_held(store, views, start_epoch, cfg.train.epochs)
+    if start_epoch:
+        log(f"'{out}' is already complete ({start_epoch} epochs): reusing it" if start_epoch >= cfg.train.epochs else
+            f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
     if rank == 0:
         _trim_steps(out, start_epoch)
         if start_epoch:  # the state is the truth: a kill between saving it and metrics.jsonl left the file an epoch short
             write_history(out, history)
-    trained = HeadsOf(model)
-    if world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        trained = torch.compile(trained)
+    trained = _trained_module(model, world, device, cfg.train.compile)
     if rank == 0:
         save_config(cfg, out)
         write_json_atomic(out / "run.json", run)
-    what = "no teachers" if mode == "none" else f"{num_teachers} teacher(s) ({', '.join(teacher_names)}), {mode}" + (
-        ", NAIVE single-view store" if naive else "")
-    log(f"student {cfg.student.name}: {count_parameters(model) / 1e6:.2f}M parameters, {tokens} teacher token(s); {what}; "
-          f"{len(train)} train / {len(val)} val images, {size} px, {views} view(s), {device}")
-
-    def step(m: torch.nn.Module, batch) -> tuple[torch.Tensor, int, Any]:
-        images, y, y_partner, lam, indices = batch[:5]
-        images = images.to(device, non_blocking=True)
-        y, y_partner, lam = y.to(device), y_partner.to(device), lam.to(device)
-        if store is not None:  # read by the loader (in its workers when there are any), pinned for the copy
-            targets = [t.to(device, non_blocking=True) for t in batch[6]]
-        elif teachers:
-            targets = teacher_logits(teachers, images, mean, std, size)
-        else:
-            targets = []
-        loss, parts = loss_fn(m(images), y, y_partner, lam, targets)
-        return loss, len(images), indices, parts
-
-    writer = None
-    if cfg.train.tensorboard and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
+    what = "no teachers" if mode == "none" else f"{num_teachers} teacher(s) ({', '.join(teacher_names)}), {mode}"
+    log(f"student {cfg.student.name}: {count_parameters(model) / 1e6:.2f}M parameters, {tokens} teacher token(s); {what}"
+        f"{', NAIVE single-view store' if naive else ''}; {len(train)} train / {len(val)} val images, {size} px, {views} "
+        f"view(s), {device}")
+    step = _step_fn(loss_fn, device, store is not None, teachers, (mean, std, size))
+    writer = _writer(out) if cfg.train.tensorboard and rank == 0 else None
     for epoch in range(start_epoch, cfg.train.epochs):
         seed_everything(cfg.seed * 1000 + epoch)  # drop-path and dropout draws replay on resume
         sampler.set_epoch(epoch)
@@ -263,22 +196,9 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
             if val_teachers is not None:
                 stats["val_token_agreement"] = token_agreement(outputs["heads"][1:], val_teachers, cfg.distill.tau)
         history.append(stats)
-        if writer is not None:
-            for key in ("train_loss", "val_top1", "val_top5", "lr", "images_per_s"):
-                if stats[key] is not None:
-                    writer.add_scalar(key, stats[key], epoch + 1)
-            for h, top1 in enumerate(stats["val_heads_top1"] or []):
-                writer.add_scalar(f"val_top1_head{h}", top1, epoch + 1)
-            for t, agreement in enumerate(stats.get("val_token_agreement") or []):
-                writer.add_scalar(f"val_agreement_token{t + 1}", agreement, epoch + 1)
-            for record in step_log:
-                writer.add_scalar("step_loss", record["loss"], epoch * steps + record["step"])
-            writer.flush()
-        scored = "" if stats["val_top1"] is None else (
-            f"  val top-1 {stats['val_top1']:.2f} (heads {' '.join(f'{t:.2f}' for t in stats['val_heads_top1'])})"
-            + (f", agreement with teachers {' '.join(f'{a:.1f}%' for a in stats['val_token_agreement'])}"
-               if stats.get("val_token_agreement") else ""))
-        log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}{scored}  {stats['images_per_s']:.0f} img/s")
+        _report_epoch(writer, stats, step_log, epoch, steps)
+        log(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}{_scores_line(stats)}  "
+            f"{stats['images_per_s']:.0f} img/s")
         if rank == 0:
             _append_steps(out, epoch, steps, step_log)  # before the state: a kill in between leaves lines a resume drops
             _save_epoch(out, model, final, arch, optimizer, scheduler, scaler, epoch, history, identity, spec, train, cfg, run, stats)
@@ -286,6 +206,147 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     return history[-1] if history else {}
+
+
+def _tokens(cfg: ExperimentConfig, num_teachers: int) -> int:
+    """The student's teacher tokens: one per teacher, one for their mean, or none; distill.weights checked against them."""
+    if cfg.distill.weights and (len(cfg.distill.weights) != num_teachers or cfg.distill.combine == "mean"):
+        raise LibkdError(f"distill.weights has {len(cfg.distill.weights)} entries for {num_teachers} teacher(s)"
+                         + (" (combine=mean takes no weights)" if cfg.distill.combine == "mean" else ""))
+    return 0 if not num_teachers else 1 if cfg.distill.combine == "mean" else num_teachers
+
+
+def _step_fn(loss_fn: DistillationLoss, device: torch.device, stored: bool, teachers: list, inputs: tuple):
+    """One training step's forward and loss for ``engine.train_one_epoch``: the batch moved to the device with its
+    targets (read by the loader from the store, or the online teachers run on the batch)."""
+    mean, std, size = inputs
+
+    def step(m: torch.nn.Module, batch) -> tuple[torch.Tensor, int, Any]:
+        images, y, y_partner, lam, indices = batch[:5]
+        images = images.to(device, non_blocking=True)
+        y, y_partner, lam = y.to(device), y_partner.to(device), lam.to(device)
+        if stored:  # read by the loader (in its workers when there are any), pinned for the copy
+            targets = [t.to(device, non_blocking=True) for t in batch[6]]
+        elif teachers:
+            targets = teacher_logits(teachers, images, mean, std, size)
+        else:
+            targets = []
+        loss, parts = loss_fn(m(images), y, y_partner, lam, targets)
+        return loss, len(images), indices, parts
+
+    return step
+
+
+def _writer(out: Path):
+    """TensorBoard scalars under OUT/tensorboard."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _student(cfg: ExperimentConfig, num_classes: int, size: int, tokens: int, kinds: list[str], device: torch.device
+             ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The student and its architecture record; seeded alike in every mode, whatever loading the teachers drew."""
+    kwargs = {"num_teachers": tokens, "head_mode": cfg.student.head_mode, "img_size": size, **cfg.student.kwargs}
+    if cfg.student.kwargs.get("stem") == "aligned" and "teacher_kinds" not in cfg.student.kwargs:
+        kwargs["teacher_kinds"] = kinds
+    seed_everything(cfg.seed)
+    model = create_model(cfg.student.name, num_classes, **kwargs).to(device)
+    return model, {"name": cfg.student.name, "num_classes": num_classes, "cifar_stem": False, "kwargs": kwargs}
+
+
+def _run_identity(cfg: ExperimentConfig, run: dict[str, Any], student_kwargs: dict[str, Any], spec: dict[str, Any]) -> dict:
+    """What must not change between a run and its resumption (``engine.resume`` compares it)."""
+    return {"run": json.loads(json.dumps(run)), "student": student_kwargs | {"name": cfg.student.name},
+            "train": cfg.train.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS),
+            "distill": cfg.distill.model_dump(mode="json"), "replay": recipe_hash(cfg.replay), "seed": cfg.seed,
+            "inputs": spec}
+
+
+def _train_loader(cfg: ExperimentConfig, train, inputs: tuple, views: int, rank: int, world: int, device: torch.device,
+                  collate) -> torch.utils.data.DataLoader:
+    """The student's replayed views, V views, a new order every epoch. Each rank takes every world-th sample of the
+    epoch's order, so the global batch holds the same samples as one process's batch would."""
+    augment = ReplayAugment(train, cfg.replay, cfg.seed, *inputs, cfg.data.crop_pct)
+    sampler = ReplaySampler(len(train), cfg.seed, views=views, rank=rank, world=world)
+    local_batch = cfg.train.batch_size // world
+    return torch.utils.data.DataLoader(
+        ReplayDataset(augment), sampler=sampler, batch_size=local_batch, drop_last=len(sampler) > local_batch,
+        num_workers=cfg.train.workers, persistent_workers=cfg.train.workers > 0, pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init if cfg.train.workers else None, collate_fn=collate)
+
+
+def _weight_ema(model: torch.nn.Module, decay: float | None):
+    """timm's weight EMA of ``model`` (evaluated and saved instead of the raw weights), or None."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)
+
+
+def _check_views_held(store: LogitStore | None, views: int, start_epoch: int, epochs: int) -> None:
+    """A store of the later views only (store.first_view) must hold every view the epochs still to train read."""
+    if store is None or not store.first_view or start_epoch >= epochs:
+        return
+    needed = min(epoch % views for epoch in range(start_epoch, epochs))
+    if needed < store.first_view:
+        raise LibkdError(f"store '{store.root}' holds views {store.first_view}..{views - 1} only (store.first_view="
+                         f"{store.first_view}) and this run, from epoch {start_epoch}, reads view {needed}: build its store "
+                         f"with store.first_view={needed} or lower (0: every view), or resume the run from a later epoch")
+
+
+def _trained_module(model: torch.nn.Module, world: int, device: torch.device, compile: bool) -> torch.nn.Module:
+    """What the loop trains: every head's logits, wrapped in DDP across processes and compiled when asked."""
+    trained = HeadsOf(model)
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(trained) if compile else trained
+
+
+def _targets(cfg: ExperimentConfig, manifest: dict[str, Any] | None, train, inputs: tuple, read_tau: float,
+             device: torch.device) -> tuple[LogitStore | None, list[int], list, list[str], list[str]]:
+    """Where the teachers' targets come from: (store, its teacher columns, online teachers, names, kinds)."""
+    if cfg.distill.mode == "store":
+        store = _open_store(cfg, manifest, train, *inputs)
+        columns = _store_columns(cfg, manifest)
+        if manifest["encoding"] == "topk" and read_tau != 1.0:
+            if store.taus:
+                tail_column(store.taus, read_tau)  # an unstored tau fails now, not at the first batch
+            else:
+                _untempered_tails(cfg, store, read_tau)
+        kinds = [manifest.get("teacher_kinds", [])[i] for i in columns] if manifest.get("teacher_kinds") else []
+        return store, columns, [], [manifest["teachers"][i]["name"] for i in columns], kinds
+    if cfg.distill.mode == "online":
+        teachers = load_teachers(cfg.distill.teachers, train.classes, device)
+        return None, [], teachers, [t.meta["arch"]["name"] for t in teachers], [teacher_kind(t.model) for t in teachers]
+    return None, [], [], [], []
+
+
+def _report_epoch(writer, stats: dict[str, Any], step_log: list[dict], epoch: int, steps: int) -> None:
+    """An epoch's scalars (and each step's loss) to TensorBoard, when it is on."""
+    if writer is None:
+        return
+    for key in ("train_loss", "val_top1", "val_top5", "lr", "images_per_s"):
+        if stats[key] is not None:
+            writer.add_scalar(key, stats[key], epoch + 1)
+    for h, top1 in enumerate(stats["val_heads_top1"] or []):
+        writer.add_scalar(f"val_top1_head{h}", top1, epoch + 1)
+    for t, agreement in enumerate(stats.get("val_token_agreement") or []):
+        writer.add_scalar(f"val_agreement_token{t + 1}", agreement, epoch + 1)
+    for record in step_log:
+        writer.add_scalar("step_loss", record["loss"], epoch * steps + record["step"])
+    writer.flush()
+
+
+def _scores_line(stats: dict[str, Any]) -> str:
+    """The scores part of an epoch's log line (empty for an unscored epoch)."""
+    if stats["val_top1"] is None:
+        return ""
+    line = f"  val top-1 {stats['val_top1']:.2f} (heads {' '.join(f'{t:.2f}' for t in stats['val_heads_top1'])})"
+    if stats.get("val_token_agreement"):
+        line += f", agreement with teachers {' '.join(f'{a:.1f}%' for a in stats['val_token_agreement'])}"
+    return line
 
 
 def _untempered_tails(cfg: ExperimentConfig, store: LogitStore, tau: float) -> None:

@@ -28,3 +28,13 @@ def setup(device_name: str) -> tuple[int, int, torch.device]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def setup_processes(cfg) -> tuple[int, int, torch.device]:
+    """``setup`` for a training config: train.batch_size is the global batch, so it must divide by the processes."""
+    from libkd import LibkdError
+
+    rank, world, device = setup(cfg.device)
+    if cfg.train.batch_size % world:
+        raise LibkdError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide by the {world} processes")
+    return rank, world, device

@@ -18,7 +18,7 @@ from libkd import LibkdError
 from libkd.config import AugmentConfig, ExperimentConfig, ModelConfig, TrainConfig, save_config
 from libkd.data import ImageDataset, load_splits
 from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
-from libkd.distributed import barrier, setup
+from libkd.distributed import barrier, setup_processes
 from libkd.data.transforms import TransformedDataset, eval_transform, train_transform
 from libkd.fileio import disk_full_is_an_error
 from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, seed_everything,
@@ -103,9 +103,7 @@ def train_teacher(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train ``cfg.teacher`` on ``cfg.data``; one process, or data-parallel under torchrun (rank 0 writes)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world, device = setup(cfg.device)
-    if cfg.train.batch_size % world:
-        raise LibkdError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide by the {world} processes")
+    rank, world, device = setup_processes(cfg)
     log = print if rank == 0 else (lambda *a, **k: None)  # one log per run, not per process
     seed_everything(cfg.seed)
     train, val = load_splits(cfg)

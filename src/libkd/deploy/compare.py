@@ -41,14 +41,9 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
     from libkd.models.checkpoint import checkpoint_paths
     from libkd.teachers import load_teachers
 
-    threads = pin_threads(threads)
-    out = Path(out)
+    threads, out = pin_threads(threads), Path(out)
     (out / "exports").mkdir(parents=True, exist_ok=True)
-    unknown = [v for v in fp32 if v not in FP32_VARIANTS] + [m for m in int8 if m.partition("@")[0] not in INT8_RECIPES
-                                                             or m.partition("@")[2] not in ("", *fp32)]
-    if unknown:
-        raise ExportError(f"unknown variant(s) {unknown}: fp32 variants are {', '.join(FP32_VARIANTS)}, int8 recipes "
-                          f"{', '.join(INT8_RECIPES)}, optionally @ one of the fp32 variants asked for")
+    _check_variants(fp32, int8)
     model, meta = build_from_checkpoint(student)
     model.eval()
     spec = preprocess_spec(meta)
@@ -114,37 +109,59 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
         checks[f"teacher {i}: {arch} (onnxruntime)"] = f"teacher {i}: {arch} (PyTorch eager)"
     logits, labels = run_over(runners, batches, "scoring")
     for name, reference in checks.items():  # onnxruntime against PyTorch, as libkd export checks it
-        row = next(r for r in rows if r["model"] == name)
-        row["max_abs_logit_diff_vs_pytorch"] = check_against_pytorch(logits[name], logits[reference], name, opset)["max_abs_logit_diff"]
+        diff = check_against_pytorch(logits[name], logits[reference], name, opset)["max_abs_logit_diff"]
+        next(r for r in rows if r["model"] == name)["max_abs_logit_diff_vs_pytorch"] = diff
     fp32_logits = logits[eager]
     for row in rows:
         row["top1"] = top1_percent(logits[row["model"]], labels)
         row["agreement_with_student_fp32"] = top1_agreement(logits[row["model"]], fp32_logits) if row["kind"] != "teacher" else None
-    print(f"compare: timing {len(rows)} models ({threads} thread(s), batch 1 median of {repeats}, batch 64)", flush=True)
-    with torch.inference_mode():
-        for row in rows:
-            call = row.pop("direct", None) or runners[row["model"]]  # a teacher is timed on its own input
-            row["latency_b1_ms"] = latency_ms(call, row["input_size"], 1, repeats)
-            row["throughput_b64"] = 64 * 1000.0 / latency_ms(call, row["input_size"], 64, max(5, repeats // 5), warmup=2)
-    best: dict[int, dict[str, Any]] = {}
-    for row in rows:  # each teacher at its faster runtime (batch-64 throughput)
-        if row["kind"] == "teacher" and (row["teacher"] not in best or row["throughput_b64"] > best[row["teacher"]]["throughput_b64"]):
-            best[row["teacher"]] = row
-    if len(best) > 1:
-        chosen = [best[i] for i in sorted(best)]
-        probs = torch.stack([logits[r["model"]].softmax(-1) for r in chosen]).mean(0)
-        rows.append({"model": f"teacher ensemble ({len(chosen)}, mean probabilities; each at its faster runtime)",
-                     "kind": "ensemble", "parameters": sum(r["parameters"] for r in chosen),
-                     "file_mb": sum(r["file_mb"] for r in chosen), "input_size": size, "members": [r["model"] for r in chosen],
-                     "top1": top1_percent(probs, labels), "agreement_with_student_fp32": None,
-                     "latency_b1_ms": sum(r["latency_b1_ms"] for r in chosen),
-                     "throughput_b64": 1.0 / sum(1.0 / r["throughput_b64"] for r in chosen)})
+    _time(rows, runners, threads, repeats)
+    ensemble = _ensemble_row(rows, logits, labels, size)
+    if ensemble:
+        rows.append(ensemble)
     record = {"student": student, "teachers": teacher_paths, "images": len(labels), "threads": threads, "repeats": repeats,
               "machine": machine(), "rows": rows, "command": command or describe_command()}
     write_json_atomic(out / "compare.json", record)
     (out / "compare.md").write_text(compare_markdown(record))
     compare_plot(rows, out / "compare.png")
     return out / "compare.md"
+
+
+def _check_variants(fp32: tuple[str, ...], int8: tuple[str, ...]) -> None:
+    unknown = [v for v in fp32 if v not in FP32_VARIANTS] + [m for m in int8 if m.partition("@")[0] not in INT8_RECIPES
+                                                             or m.partition("@")[2] not in ("", *fp32)]
+    if unknown:
+        raise ExportError(f"unknown variant(s) {unknown}: fp32 variants are {', '.join(FP32_VARIANTS)}, int8 recipes "
+                          f"{', '.join(INT8_RECIPES)}, optionally @ one of the fp32 variants asked for")
+
+
+def _time(rows: list[dict[str, Any]], runners: dict[str, Callable], threads: int, repeats: int) -> None:
+    """Each row's batch-1 latency (median of ``repeats``) and batch-64 throughput, on its own input size."""
+    print(f"compare: timing {len(rows)} models ({threads} thread(s), batch 1 median of {repeats}, batch 64)", flush=True)
+    with torch.inference_mode():
+        for row in rows:
+            call = row.pop("direct", None) or runners[row["model"]]  # a teacher is timed on its own input
+            row["latency_b1_ms"] = latency_ms(call, row["input_size"], 1, repeats)
+            row["throughput_b64"] = 64 * 1000.0 / latency_ms(call, row["input_size"], 64, max(5, repeats // 5), warmup=2)
+
+
+def _ensemble_row(rows: list[dict[str, Any]], logits: dict[str, torch.Tensor], labels: torch.Tensor, size: int
+                  ) -> dict[str, Any] | None:
+    """The teachers' ensemble (mean probabilities), each teacher at its faster runtime; None with fewer than two."""
+    best: dict[int, dict[str, Any]] = {}
+    for row in rows:  # each teacher at its faster runtime (batch-64 throughput)
+        if row["kind"] == "teacher" and (row["teacher"] not in best or row["throughput_b64"] > best[row["teacher"]]["throughput_b64"]):
+            best[row["teacher"]] = row
+    if len(best) < 2:
+        return None
+    chosen = [best[i] for i in sorted(best)]
+    probs = torch.stack([logits[r["model"]].softmax(-1) for r in chosen]).mean(0)
+    return {"model": f"teacher ensemble ({len(chosen)}, mean probabilities; each at its faster runtime)",
+            "kind": "ensemble", "parameters": sum(r["parameters"] for r in chosen),
+            "file_mb": sum(r["file_mb"] for r in chosen), "input_size": size, "members": [r["model"] for r in chosen],
+            "top1": top1_percent(probs, labels), "agreement_with_student_fp32": None,
+            "latency_b1_ms": sum(r["latency_b1_ms"] for r in chosen),
+            "throughput_b64": 1.0 / sum(1.0 / r["throughput_b64"] for r in chosen)}
 
 
 def compare_markdown(record: dict[str, Any]) -> str:

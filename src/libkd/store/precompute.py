@@ -106,21 +106,12 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     dtype = record_dtype(cfg.store.encoding, dataset.num_classes, cfg.store.topk, len(topk_taus(cfg.store) or ()))
 
     manifest_path = root / "manifest.json"
-    if manifest_path.is_file():
-        existing = read_manifest(root)
-        problems = identity_differences(existing, identity)
-        if problems:
-            raise StoreError(f"'{root}' holds a store built from something else: " + "; ".join(problems)
-                             + ". Use another store.path, or delete that folder to rebuild it")
-        if existing.get("first_view", 0) != cfg.store.first_view:
-            raise StoreError(f"'{root}' holds a store of views {existing.get('first_view', 0)}..{existing['views'] - 1} and this "
-                             f"build asks for views {cfg.store.first_view}..{cfg.store.views - 1} (store.first_view); set "
-                             f"store.first_view={existing.get('first_view', 0)} to finish it, or delete that folder to rebuild it")
-        if existing.get("complete"):
-            if rank == 0:
-                print(f"store '{root}' is already complete ({len(existing['shards'])} shards)")
-            return {"skipped": True}
-    interrupted = (existing.get("grown_from") or {}).get("path") if manifest_path.is_file() else None
+    existing = _begun_store(root, identity, cfg.store.first_view, cfg.store.views)
+    if existing is not None and existing.get("complete"):
+        if rank == 0:
+            print(f"store '{root}' is already complete ({len(existing['shards'])} shards)")
+        return {"skipped": True}
+    interrupted = (existing.get("grown_from") or {}).get("path") if existing is not None else None
     if not cfg.store.grow_from and interrupted:
         # a growth that was interrupted: resume it from the same source, copying instead of recomputing its views
         cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"grow_from": interrupted})})
@@ -199,6 +190,24 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         _finish_manifest(root, num_shards)
     barrier()
     return {"images": images_done, "seconds": elapsed, "images_per_s": images_done / max(elapsed, 1e-9)}
+
+
+def _begun_store(root: Path, identity: dict[str, Any], first_view: int, views: int) -> dict[str, Any] | None:
+    """The manifest of the store begun at ``root`` (None: none), refused by name if it is of other data, teachers,
+    recipe or views than this build's."""
+    if not (root / "manifest.json").is_file():
+        return None
+    existing = read_manifest(root)
+    problems = identity_differences(existing, identity)
+    if problems:
+        raise StoreError(f"'{root}' holds a store built from something else: " + "; ".join(problems)
+                         + ". Use another store.path, or delete that folder to rebuild it")
+    held_from = existing.get("first_view", 0)
+    if held_from != first_view:
+        raise StoreError(f"'{root}' holds a store of views {held_from}..{existing['views'] - 1} and this build asks for "
+                         f"views {first_view}..{views - 1} (store.first_view); set store.first_view={held_from} to finish "
+                         "it, or delete that folder to rebuild it")
+    return existing
 
 
 LOG_EVERY_S = 300.0  # off a terminal: a progress line at least this often, besides one per shard
