@@ -404,7 +404,7 @@ def test_a_limited_validation_sample_spreads_over_every_class(image_folder):
     from libkd.deploy import validation_batches
 
     root = image_folder(counts=(4, 4, 4))
-    data = DataConfig(source="imagefolder", root=str(root), train_split="", val_split="")
+    data = DataConfig(source="imagefolder", root=str(root.parent), train_split="unused", val_split=root.name)
     spec = {"input_size": 8, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.25] * 3}
     loader, classes = validation_batches(data, spec, 2, limit=6)
     labels = torch.cat([y for _, y in loader]).tolist()

@@ -115,7 +115,8 @@ def test_a_second_study_run_reuses_every_finished_step(finished_study, capsys):
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "runs").rglob("student.safetensors")}
     assert main(["study", str(config)]) == 0
     out = capsys.readouterr().out
-    assert out.count("done, reusing it") == 8 and "already complete" in out
+    assert out.count("done, reusing it") == 8 and out.count("reusing it, without its store") == 8
+    assert "-> " not in out and "verified" not in out and "already complete" not in out  # no store built, verified or opened
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "runs").rglob("student.safetensors")}
     assert after == before  # nothing was trained again
 
@@ -535,7 +536,7 @@ def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views
     # The reused run is read where it was committed: neither trained nor copied here; each schedule has its own table.
     assert not (tmp_path / "patient" / "runs" / "none-e2-s0").exists()
     assert not (tmp_path / "patient-results" / "runs" / "none-s0").exists()
-    assert "none-e2-s0 (none, teachers -, per-token): done, reusing it (from" in out
+    assert "none-e2-s0 (none, teachers -, per-token): done, reusing the committed run in" in out
     top1 = json.loads((parent_dir / "results" / "runs" / "none-s0" / "student.eval.json").read_text())["top1"]
     assert f"| none-e2 | none | — | — | 2 | 1/1 | **{top1:.2f}** |" in summary  # a schedule column: they differ
     assert "| both-v3 | store | conv, inv | per-token | 3 | 1/1 |" in summary and "; 3 epochs;" not in summary
@@ -664,7 +665,7 @@ def test_a_parked_run_goes_on_from_its_saved_epoch_on_a_fresh_machine(tmp_path, 
     assert "| both | store | conv, inv | per-token | 0/1 | seed 0 parked at epoch 2/3 (" in summary_markdown(study, [])
     assert main(["study", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "going on from the state parked in" in out and "resuming" in out and "epoch 3/3" in out
+    assert "going on from the parked state in" in out and "resuming" in out and "epoch 3/3" in out
     assert "epoch 1/3" not in out.split("going on from")[1]  # not trained from the start again
     assert "3 views (views 2..2 only: its run goes on from there)" in out
     store = Path(json.loads((tmp_path / "a" / "study" / "runs" / "both-s0" / "run.json").read_text())["store"]["path"])
