@@ -783,6 +783,47 @@ def test_a_parked_state_of_another_recipe_is_refused_naming_the_parked_folder(tm
     assert "holds a run with a different train" in err and "(parked): delete that folder" in err
 
 
+def test_a_stale_committed_trial_retrained_loses_its_record_and_is_parked_when_cut_short(tmp_path, monkeypatch, capsys):
+    """A committed trial whose recorded config no longer matches is trained again; its stale record leaves
+    tune-trials.json at once, so a --park while it trains carries its saved epoch to the next machine."""
+    import libkd.distill
+
+    tune = {"holdout": 3, "epochs": 2, "stages": [{"run": "none", "grid": [[{"train.lr": 1e-4}, {"train.lr": 3e-3}]]}]}
+    train = {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3, "warmup_epochs": 0, "tensorboard": False,
+             "eval_every": 1}
+    config = study_yaml(tmp_path, runs=[{"name": "none", "mode": "none"}], seeds=[0], tune=tune, teachers={},
+                        base=_toy_base(tmp_path, train))
+    assert main(["study", str(config), "--runs", "none"]) == 0
+    trials_file = tmp_path / "results" / "tune-trials.json"
+    trials = json.loads(trials_file.read_text())
+    stale = sorted(trials)[0]
+    trials[stale]["config_sha"] = "0123456789abcdef"  # recorded from settings since changed
+    trials_file.write_text(json.dumps(trials))
+    shutil.rmtree(tmp_path / "study")  # a fresh machine
+    (tmp_path / "results" / "tuning.json").unlink()
+
+    class SessionEnds(Exception):
+        pass
+
+    save_epoch = libkd.distill._save_epoch
+
+    def save_then_stop(out, model, final, arch, optimizer, scheduler, scaler, epoch, *rest):
+        save_epoch(out, model, final, arch, optimizer, scheduler, scaler, epoch, *rest)
+        if epoch == 0 and Path(out).name == stale:
+            raise SessionEnds
+
+    monkeypatch.setattr(libkd.distill, "_save_epoch", save_then_stop)
+    capsys.readouterr()
+    with pytest.raises(SessionEnds):
+        main(["study", str(config)])
+    assert f"trial {stale}: its committed record in {trials_file} was trained from other settings" in capsys.readouterr().out
+    assert stale not in json.loads(trials_file.read_text()) and len(json.loads(trials_file.read_text())) == 1
+    assert [p.name for p in unfinished(Study(load_study(config)))] == [stale]
+    assert main(["study", str(config), "--park"]) == 0
+    assert f"parked {stale} at epoch 1/2" in capsys.readouterr().out
+    assert (tmp_path / "results" / "parked" / "tune" / stale / "last_state.pt").is_file()
+
+
 def test_park_finds_unfinished_runs_and_search_trials_of_the_named_runs_only(tmp_path):
     """What --park copies: a run or trial with a saved epoch that has not finished (a trial finishes when it is in
     results/tune-trials.json), among the --runs named when given; nothing without a results folder."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from libkd.config import ExperimentConfig
 from libkd.engine import RESUMABLE_TRAIN_KEYS
+from libkd.fileio import write_json_atomic
 from libkd.study.park import TrainingNeeded
 from libkd.study.plan import HOW_BUILT, StudyState, TuneConfig, study_log, short_hash, with_overrides
 
@@ -81,13 +82,17 @@ def _search_stages(study: StudyState, tune: TuneConfig, chosen: dict[str, Any], 
                 continue
             if study.dry:  # before run_config: it would build the trial's store
                 raise TrainingNeeded(f"search trial {name} is not done")
+            if landed and landed["config_sha"] not in (config_sha, legacy_sha):
+                # trained from other settings: the record goes, so that --park sees the trial as unfinished
+                study_log(f"trial {name}: its committed record in {trials_file} was trained from other settings; "
+                          "training it again")
+                del done[name]
+                write_json_atomic(trials_file, done)
             cfg = study.run_config(spec, study.cfg.seeds[0], trial_base, out, stores="tune/stores", views=views)
             with study.timed(f"tune {name}"):
                 metrics = study.distill_and_evaluate(cfg, evaluate=False)
             trials.append({"trial": name, "overrides": overrides, "holdout_top1": metrics["val_top1"]})
             if trials_file:
-                from libkd.fileio import write_json_atomic
-
                 done[name] = {**trials[-1], "config_sha": config_sha}
                 trials_file.parent.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(trials_file, done)
@@ -103,8 +108,6 @@ def _search_stages(study: StudyState, tune: TuneConfig, chosen: dict[str, Any], 
         record.append({"stage": s, "run": stage.run, "scope": stage.scope, "trials": trials, "chosen": best["trial"],
                        **({"epochs": stage.epochs} if stage.epochs else {})})
         study_log(f"tuning stage {s}: chose {best['overrides']} (held-out top-1 {best['holdout_top1']:.2f})")
-    from libkd.fileio import write_json_atomic
-
     into.update(by_run)
     write_json_atomic(study.out / "tune" / "tuning.json", {"holdout": tune.holdout, "epochs": tune.epochs, "basis": basis,
                                                           "stages": record, "chosen": chosen, "chosen_by_run": by_run})
