@@ -71,6 +71,49 @@ def unfinished(study: StudyState) -> list[Path]:
     return [folder for folder in folders if _state(folder).is_file()]
 
 
+PARKED_DTYPE = "bfloat16"  # of the parked state's floating-point tensors: half the bytes committed per parked run
+
+
+def _cast_floats(value: Any, source: tuple, dtype: Any) -> Any:
+    """``value`` (a resume state or a part of one) with every tensor of a ``source`` dtype cast to ``dtype``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.dtype in source else value
+    if isinstance(value, dict):
+        return {key: _cast_floats(item, source, dtype) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floats(item, source, dtype) for item in value)
+    return value
+
+
+def write_parked_state(state: Path, parked: Path) -> None:
+    """Park the resume state ``state`` at ``parked`` with its weights and optimiser moments rounded to bf16 (integer
+    tensors, step counts, the schedule and the history as they are): a parked run resumes from weights within bf16's
+    rounding (3 significant digits) of its own, not bit for bit; a local kill and resume stays exact."""
+    import torch
+
+    from libkd.engine import load_resume_state, save_resume_state
+
+    full = load_resume_state(state, torch.device("cpu"))
+    save_resume_state({**_cast_floats(full, (torch.float32, torch.float64), torch.bfloat16), "parked_dtype": PARKED_DTYPE},
+                      parked)  # by temporary file and rename
+
+
+def read_parked_state(parked: Path, state: Path) -> None:
+    """Put the state parked at ``parked`` where a run resumes from (``state``), its bf16 tensors back in float32; a
+    state parked whole (without ``parked_dtype``) is copied as it is."""
+    import torch
+
+    from libkd.engine import load_resume_state, save_resume_state
+
+    small = load_resume_state(parked, torch.device("cpu"))
+    if small.pop("parked_dtype", None) is None:
+        shutil.copy2(parked, state)
+        return
+    save_resume_state(_cast_floats(small, (torch.bfloat16,), torch.float32), state)
+
+
 def park(study: StudyState) -> list[Path]:
     """Copy the last saved epoch of every unfinished run and search trial to ``results/parked/``, with its curve so far
     and the study's timings, for a fresh machine to go on from once committed; returns the parked folders."""
@@ -84,7 +127,9 @@ def park(study: StudyState) -> list[Path]:
         target = parked_folder(study, out)
         target.mkdir(parents=True, exist_ok=True)
         for item in PARKED_FILES:  # each by temporary file and rename: a kill leaves the former copy whole
-            if (out / item).is_file():
+            if item == PARKED_FILES[0]:
+                write_parked_state(out / item, target / item)
+            elif (out / item).is_file():
                 shutil.copy2(out / item, target / f"{item}.tmp")
                 (target / f"{item}.tmp").replace(target / item)
         epoch = epochs_done(_state(target))  # the copy's: the run may have saved another epoch since
@@ -135,7 +180,9 @@ def unpark(study: StudyState, out: Path) -> Path | None:
     if mine is None:
         out.mkdir(parents=True, exist_ok=True)
         for item in PARKED_FILES:
-            if (parked / item).is_file():
+            if item == PARKED_FILES[0]:
+                read_parked_state(parked / item, out / item)
+            elif (parked / item).is_file():
                 shutil.copy2(parked / item, out / item)
         study_log(f"{out.name}: going on from the parked state in '{parked}'")
     return parked
