@@ -28,7 +28,8 @@ import torch
 from libkd.config import StoreConfig, load_config
 from libkd.models import create_model
 from libkd.store import LogitStore, decode, encode, record_dtype
-from libkd.store.precompute import load_teachers, precompute, view_spec
+from libkd.store.format import view_spec
+from libkd.store.precompute import load_teachers, precompute
 from libkd.data import build_dataset
 
 

@@ -22,7 +22,8 @@ from libkd.data.replay import ReplayAugment
 from libkd.models import create_model, save_checkpoint
 from libkd.store import LogitStore, StoreError, decode, encode, record_dtype
 from libkd.store import precompute as precompute_module
-from libkd.store.precompute import load_teachers, precompute, store_identity, verify_store, view_spec
+from libkd.store.format import store_identity, view_spec
+from libkd.store.precompute import load_teachers, precompute, verify_store
 
 DATA = ["data.source=synthetic", "data.synthetic.per_class=12", "data.synthetic.image_size=16"]
 STORE = ["store.views=3", "store.shard_size=20", "store.batch_size=8"]

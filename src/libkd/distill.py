@@ -35,7 +35,7 @@ from libkd.losses import DistillationLoss
 from libkd.models import count_parameters, create_model, read_meta, save_checkpoint, teacher_kind
 from libkd.store import LogitStore, read_manifest
 from libkd.store.codec import tail_column
-from libkd.store.precompute import store_identity, view_spec
+from libkd.store.format import store_identity, view_spec
 from libkd.teachers import cached_val_logits, check_classes, load_teachers, teacher_logits
 
 STATE_FILE = "last_state.pt"

@@ -21,8 +21,12 @@ import numpy as np
 import torch
 
 from libkd import LibkdError
+from libkd.config import DataConfig, ExperimentConfig, StoreConfig
+from libkd.data import ImageDataset
+from libkd.data.replay import ReplayAugment, library_versions, recipe_hash, replay_probe
 from libkd.fileio import read_json_with_format, sha256_file
 from libkd.store.codec import decode, record_dtype
+from libkd.teachers import Teacher
 
 FORMAT = "libkd-store/1"
 # Manifest fields that must match between a store and the run that uses (or resumes) it.
@@ -33,6 +37,47 @@ OPTIONAL_IDENTITY_FIELDS = ("topk_taus",)  # compared too, absent (None) in stor
 
 class StoreError(LibkdError):
     """A store that is missing, incomplete, damaged, or built for something else."""
+
+
+def view_spec(data: DataConfig, dataset: ImageDataset) -> tuple[int, list[float], list[float]]:
+    """Image size and normalisation of the stored views (config first, else the data set's own)."""
+    size = data.image_size or (dataset.image_size[0] if dataset.image_size else None)
+    if size is None:
+        raise LibkdError("images have mixed sizes; set data.image_size=N for the stored views")
+    mean, std = (data.mean, data.std) if data.mean and data.std else dataset.mean_std()
+    return size, list(mean), list(std)
+
+
+def topk_taus(store: StoreConfig) -> list[float] | None:
+    """The temperatures other than 1 whose tail masses a top-k store keeps (None for fp16, or when there are none)."""
+    if store.encoding != "topk":
+        return None
+    return sorted({float(t) for t in store.topk_taus if t != 1.0}) or None
+
+
+def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[Teacher] | list[dict[str, Any]], size: int,
+                   mean: list[float], std: list[float]) -> dict[str, Any]:
+    """The manifest fields that say what a store was built from (compared on resume and on use).
+
+    ``teachers`` are loaded teachers or just their checkpoints' JSON sidecars (``read_meta``): no
+    weights are needed to check a store. ``versions`` is carried along to explain a replay-probe
+    mismatch; it is not compared itself.
+    """
+    metas = [t.meta if isinstance(t, Teacher) else t for t in teachers]
+    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
+    return {
+        "dataset": {"fingerprint": dataset.fingerprint, "num_samples": len(dataset), "num_classes": dataset.num_classes},
+        "teachers": [{"name": m["arch"]["name"], "weights_sha256": m["weights_sha256"],
+                      "num_classes": m["arch"]["num_classes"]} for m in metas],
+        "augmentation": {"sha256": recipe_hash(cfg.replay), "seed": cfg.seed},
+        "image_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std,
+        "views": cfg.store.views, "encoding": cfg.store.encoding,
+        "topk": cfg.store.topk if cfg.store.encoding == "topk" else None,
+        "topk_taus": topk_taus(cfg.store),
+        "shard_size": cfg.store.shard_size,
+        "replay_probe": replay_probe(augment, cfg.store.views),
+        "versions": library_versions(),
+    }
 
 
 def shard_file(root: Path, teacher: int, shard: int) -> Path:

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from libkd import LibkdError, __version__
-from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, StoreConfig, save_config
-from libkd.data import ImageDataset, build_dataset
-from libkd.data.replay import ReplayAugment, ReplayDataset, library_versions, recipe_hash, replay_probe
+from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, save_config
+from libkd.data import build_dataset
+from libkd.data.replay import ReplayAugment, ReplayDataset, library_versions, replay_probe
 from libkd.distributed import barrier, setup
 from libkd.engine import resolve_device, worker_init
 from libkd.models import teacher_kind
-from libkd.teachers import Teacher, load_teachers, teacher_logits
+from libkd.teachers import load_teachers, teacher_logits
 from libkd.store.codec import encode, fp16_quantum, record_dtype, record_error
 from libkd.store.format import (
     FORMAT,
@@ -35,50 +35,12 @@ from libkd.store.format import (
     identity_differences,
     read_manifest,
     shard_file,
+    store_identity,
+    topk_taus,
+    view_spec,
 )
 from libkd.fileio import DISK_FULL, sha256_file, write_json_atomic
 from libkd.progress import on_terminal, progress_bar
-
-
-def view_spec(data: DataConfig, dataset: ImageDataset) -> tuple[int, list[float], list[float]]:
-    """Image size and normalisation of the stored views (config first, else the data set's own)."""
-    size = data.image_size or (dataset.image_size[0] if dataset.image_size else None)
-    if size is None:
-        raise LibkdError("images have mixed sizes; set data.image_size=N for the stored views")
-    mean, std = (data.mean, data.std) if data.mean and data.std else dataset.mean_std()
-    return size, list(mean), list(std)
-
-
-def topk_taus(store: StoreConfig) -> list[float] | None:
-    """The temperatures other than 1 whose tail masses a top-k store keeps (None for fp16, or when there are none)."""
-    if store.encoding != "topk":
-        return None
-    return sorted({float(t) for t in store.topk_taus if t != 1.0}) or None
-
-
-def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[Teacher] | list[dict[str, Any]], size: int,
-                   mean: list[float], std: list[float]) -> dict[str, Any]:
-    """The manifest fields that say what a store was built from (compared on resume and on use).
-
-    ``teachers`` are loaded teachers or just their checkpoints' JSON sidecars (``read_meta``): no
-    weights are needed to check a store. ``versions`` is carried along to explain a replay-probe
-    mismatch; it is not compared itself.
-    """
-    metas = [t.meta if isinstance(t, Teacher) else t for t in teachers]
-    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std, cfg.data.crop_pct)
-    return {
-        "dataset": {"fingerprint": dataset.fingerprint, "num_samples": len(dataset), "num_classes": dataset.num_classes},
-        "teachers": [{"name": m["arch"]["name"], "weights_sha256": m["weights_sha256"],
-                      "num_classes": m["arch"]["num_classes"]} for m in metas],
-        "augmentation": {"sha256": recipe_hash(cfg.replay), "seed": cfg.seed},
-        "image_size": size, "crop_pct": cfg.data.crop_pct, "mean": mean, "std": std,
-        "views": cfg.store.views, "encoding": cfg.store.encoding,
-        "topk": cfg.store.topk if cfg.store.encoding == "topk" else None,
-        "topk_taus": topk_taus(cfg.store),
-        "shard_size": cfg.store.shard_size,
-        "replay_probe": replay_probe(augment, cfg.store.views),
-        "versions": library_versions(),
-    }
 
 
 def precompute(cfg: ExperimentConfig) -> dict[str, Any]:
