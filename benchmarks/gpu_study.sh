@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A study's long runs on a lent GPU machine (each takes hours on 2 CPU cores): the stores they read, built there, then
 # the runs, in the order given; whatever lands comes back to be committed.
-# Prepare here, once per session (neither travels by git):
+# Prepare here, once per checkout (neither travels by git):
 #   echo /.gpu-data/ >> .git/info/exclude       # (/.whl/ is in .gitignore)
 #   .venv/bin/python benchmarks/device_data.py pack configs/cifar10-10pct-study.yaml .gpu-data/cifar10.tar.gz
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

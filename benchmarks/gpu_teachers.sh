@@ -3,7 +3,7 @@
 # once on 4,000 of the 5,000 study images scored on the other 1,000 (the held-out trial that chooses the recipe) and
 # once on all 5,000 scored on the test split (the teacher a study then uses). Each is a plain `libkd train-teacher`
 # run of configs/cifar10-10pct-teacher-{conv,inv}.yaml with the variant's --set overrides (listed below).
-# Prepare here, once per session (neither travels by git):
+# Prepare here, once per checkout (neither travels by git):
 #   echo /.gpu-data/ >> .git/info/exclude       # (/.whl/ is in .gitignore)
 #   .venv/bin/python benchmarks/device_data.py pack configs/cifar10-10pct-study.yaml .gpu-data/cifar10.tar.gz
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
