@@ -85,3 +85,32 @@ def test_cli_shortcut_options_become_overrides(capsys):
     assert main(["data", "info", "synthetic", "--seed", "4", "--json", "--set", "data.synthetic.per_class=3"]) == 0
     out = capsys.readouterr().out
     assert '"images": 12' in out
+
+
+def test_the_defaults_are_the_recipe_that_works_and_deits_is_one_set_away():
+    cfg = load_config()
+    # the searched student recipe: alpha 0.9 at tau 3, RandAugment m5, Mixup 0.2, no CutMix, one view per epoch
+    assert (cfg.distill.alpha, cfg.distill.tau) == (0.9, 3.0)
+    assert cfg.replay.auto_augment == "rand-m5-mstd0.5-inc1"
+    assert (cfg.replay.mixup_alpha, cfg.replay.cutmix_alpha, cfg.replay.erase_prob) == (0.2, 0.0, 0.25)
+    assert cfg.store.views == cfg.train.epochs
+    deit = load_config(None, ["distill.alpha=0.5", "distill.tau=1", "replay.auto_augment=rand-m9-mstd0.5-inc1",
+                              "replay.mixup_alpha=0.8", "replay.cutmix_alpha=1.0", "store.views=4"])
+    assert (deit.distill.alpha, deit.distill.tau, deit.replay.mixup_alpha, deit.replay.cutmix_alpha) == (0.5, 1.0, 0.8, 1.0)
+    assert deit.store.views == 4
+
+
+def test_views_follow_the_epochs_unless_set(tmp_path):
+    assert load_config(None, ["train.epochs=37"]).store.views == 37
+    assert load_config(None, ["train.epochs=37", "store.views=5"]).store.views == 5
+    # a resolved config given other epochs follows them: the filled-in views are not taken as set
+    from libkd.study.plan import with_overrides
+
+    cfg = load_config(None, ["train.epochs=300"])
+    assert with_overrides(cfg, {"train.epochs": 12}).store.views == 12
+    assert with_overrides(load_config(None, ["store.views=8"]), {"train.epochs": 12}).store.views == 8
+    # and a saved config reloads with the views it ran with
+    path = save_config(with_overrides(cfg, {"train.epochs": 12}), tmp_path)
+    assert load_config(path).store.views == 12
+    with pytest.raises(ConfigError, match="first_view"):
+        load_config(None, ["train.epochs=3", "store.first_view=3"])

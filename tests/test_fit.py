@@ -12,7 +12,7 @@ from PIL import Image
 
 from libkd.cli import main
 from libkd.data.datasets import DataError
-from libkd.study.fit import check_image_folder
+from libkd.study.fit import check_image_folder, patch_size_for
 
 COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))
 
@@ -113,3 +113,9 @@ def test_fit_refuses_a_bad_folder_by_name(tmp_path, capsys, make, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "fit.yaml").exists()
+
+
+@pytest.mark.parametrize("size, patch", [(16, 2), (28, 4), (32, 4), (48, 6), (64, 8), (24, 3)])
+def test_the_students_patch_divides_the_image_into_at_most_8x8(size, patch):
+    assert patch_size_for(size) == patch
+    assert size % patch == 0 and size // patch <= 8

@@ -107,7 +107,7 @@ def test_disabled_recipe_is_the_plain_image():
 def test_recipe_hash_tracks_every_field():
     base = recipe_hash(ReplayConfig())
     assert recipe_hash(ReplayConfig()) == base
-    for change in ({"hflip": 0.0}, {"auto_augment": "rand-m5-mstd0.5-inc1"}, {"mixup_alpha": 0.2},
+    for change in ({"hflip": 0.0}, {"auto_augment": "rand-m9-mstd0.5-inc1"}, {"mixup_alpha": 0.8},
                    {"crop_scale": (0.5, 1.0)}, {"enabled": False}, {"interpolation": "bicubic"}):
         assert recipe_hash(ReplayConfig(**change)) != base, change
 

@@ -86,6 +86,13 @@ def image_size_of(train: Path, limit: int = 64) -> int | None:
     return None
 
 
+def patch_size_for(size: int) -> int:
+    """The student's patch: the smallest that divides ``size`` into at most 8x8 patches (CIFAR's 4 at 32 px), so no
+    pixel row is dropped; a size with no such divisor gets size // 8 and loses its last rows."""
+    fitting = [p for p in range(max(2, -(-size // 8)), size // 4 + 1) if size % p == 0]
+    return fitting[0] if fitting else max(2, size // 8)
+
+
 def study_config(layout: dict[str, Any], out: Path, epochs: int, image_size: int, device: str) -> dict[str, Any]:
     """The study ``fit`` runs, as a plain dict (written to OUT/fit.yaml)."""
     native = image_size_of(layout["train"])
@@ -108,7 +115,7 @@ def study_config(layout: dict[str, Any], out: Path, epochs: int, image_size: int
         "base": {
             "device": device,
             "data": data,
-            "student": {"name": "kdvit_mini_patch4_32", "kwargs": {"img_size": image_size, "patch_size": max(2, image_size // 8)}},
+            "student": {"name": "kdvit_mini_patch4_32", "kwargs": {"img_size": image_size, "patch_size": patch_size_for(image_size)}},
             "train": {"epochs": epochs, "batch_size": 128, "optimizer": "adamw", "lr": 1.0e-3, "weight_decay": 0.05,
                       "warmup_epochs": warmup, "label_smoothing": 0.1, "clip_grad": 5.0, "eval_every": every},
             "replay": {"crop_scale": [0.35, 1.0], "auto_augment": "rand-m5-mstd0.5-inc1", "erase_prob": 0.25,

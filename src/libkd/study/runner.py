@@ -184,6 +184,8 @@ class Study:
         if self.parent:  # the same teachers, data, recipe and store settings: the same store
             return self.parent.store_path(base, seed, naive, where, build, views, first_view)
 
+        if not naive:
+            views = views or self.cfg.store.views or base.train.epochs  # unset: one view per epoch
         settings = self.cfg.store.model_copy(update={"views": views}) if views and not naive else self.cfg.store
         key = {"data": base.data.model_dump(mode="json"), "replay": None if naive else base.replay.model_dump(mode="json"),
                "store": settings.model_dump(mode="json", exclude={"path", "teachers", *HOW_BUILT})}
@@ -228,7 +230,7 @@ class Study:
                                                   "naive_store": spec.naive_store, "store": None})
         views = views or spec.views  # a search trial may ask for fewer: as many as it has epochs
         if spec.mode == "store":
-            held = views or self.cfg.store.views
+            held = views or self.cfg.store.views or base.train.epochs
             done = saved_epoch(self, out) if build else 0  # unbuilt: only the store's path, its views unread here
             first_view = min((e % held for e in range(done, base.train.epochs)), default=0)
             # A run trained to its last epoch here reads no view: it is evaluated without building (or touching) its store.
@@ -236,7 +238,7 @@ class Study:
             distill.store = self.store_path(base, seed, spec.naive_store, stores, build, views, first_view)
         # Runs without a store replay the store's number of views, so every mode sees the same stream, unless they
         # ask for a fresh view every epoch.
-        views = base.train.epochs if spec.fresh_views else views or self.cfg.store.views
+        views = base.train.epochs if spec.fresh_views else views or self.cfg.store.views or base.train.epochs
         store = base.store.model_copy(update={"views": views})
         train = base.train.model_copy(update={"workers": self.workers}) if self.workers is not None else base.train
         return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill, "store": store, "train": train})
