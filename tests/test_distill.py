@@ -314,7 +314,7 @@ def test_evaluate_defaults_to_the_recorded_teachers_and_refuses_another_order(tm
     distill(run_config(out, "distill.mode=store", f"distill.store={stores['consistent']}", "train.epochs=1"))
     meta = json.loads((out / "student.json").read_text())
     assert meta["distill"]["teacher_sha256"] == [json.loads(Path(t + ".json").read_text())["weights_sha256"] for t in teachers]
-    assert meta["distill"]["tau"] == 1.0
+    assert meta["distill"]["tau"] == 3.0  # libkd's default, recorded with the run
     assert main(["evaluate", str(out / "student")]) == 0  # no --teachers: the two it learned from
     result = json.loads((out / "student.eval.json").read_text())
     assert result["teacher_checkpoints"] == teachers and len(result["token_teacher_agreement"]) == 2
