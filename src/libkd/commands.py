@@ -214,11 +214,11 @@ def report_cmd(args: argparse.Namespace) -> int:
                arg("--park", action="store_true",
                    help="train nothing: copy the last saved epoch (weights, optimiser, curve) of each unfinished run and "
                    "search trial to RESULTS/parked/, so that once committed a fresh machine goes on from there (for a "
-                   "run longer than a machine's session; safe beside a running study), and rewrite study.md with "
+                   "run longer than the time one machine is yours; safe beside a running study), and rewrite study.md with "
                    "how far each has come"),
                arg("--park-after", type=duration, metavar="DURATION",
                    help="train for at most this wall time (e.g. 2h30m, 150m, 9000), then stop and --park what is "
-                   "unfinished, exiting with status 75 (a session or job slot that ends: leave it time to commit); "
+                   "unfinished, exiting with status 75 (a lease or job slot that ends: leave it time to commit); "
                    "the epoch under way is lost, every saved one kept")],
     uses_config=False,
 )

@@ -1,6 +1,6 @@
 """Carrying an unfinished run between machines: ``libkd study CONFIG --park`` copies the last saved epoch of each
 unfinished run and search trial to ``results/parked/`` (committed with the results), and a fresh machine goes on from
-there (a run longer than one machine's session); the parked state is removed once its run finishes. The park also
+there (a run longer than the time one machine is yours); the parked state is removed once its run finishes. The park also
 rewrites the study's summary, training nothing, so the committed study.md says how far each parked run has come."""
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def _search_stages(study: StudyState, tune: TuneConfig, chosen: dict[str, Any], 
                                                           "stages": record, "chosen": chosen, "chosen_by_run": by_run})
     if any(stage.run in study.unsearched for stage in tune.stages):
         return chosen  # an incomplete search is shown in the report, not committed as the study's (its trials are)
-    if study.results:  # landed at once, not with the first run (which may be a session away)
+    if study.results:  # landed at once, not with the first run (which may land on another machine)
         study.results.mkdir(parents=True, exist_ok=True)
         shutil.copy2(study.out / "tune" / "tuning.json", study.results / "tuning.json")
     return chosen
