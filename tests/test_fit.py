@@ -39,6 +39,7 @@ def test_fit_runs_the_whole_recipe_and_resumes(tmp_path, capsys):
     assert "skipping 1 unreadable image(s)" in printed and "broken.png" in printed
     config = (out / "fit.yaml").read_text()
     assert "views: 2" in config and "alpha: 0.9" in config and "tau: 3.0" in config  # a view per epoch, the recipe
+    assert "&" not in config and "*" not in config  # each teacher's settings written out, no YAML anchors to trip on
     for name in ("export/model.onnx", "export/model.int8.onnx", "export/MODEL_CARD.md", "report/report.md",
                  "teachers/conv/teacher.safetensors", "teachers/inv/teacher.safetensors"):
         assert (out / name).is_file(), name

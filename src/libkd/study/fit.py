@@ -133,6 +133,14 @@ def study_config(layout: dict[str, Any], out: Path, epochs: int, image_size: int
     }
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes the teachers' shared settings out in full under each teacher: a config a user edits by hand has no
+    anchors (editing one teacher's copy must not change the other's)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _report_unreadable(data: dict[str, Any]) -> None:
     """Name the files the loaders will skip (data.skip_corrupt), once, before hours of training."""
     from libkd.config import DataConfig
@@ -168,7 +176,7 @@ def fit(data_dir: str | Path, out: str | Path = "runs/fit", epochs: int = 100, i
     path = out / "fit.yaml"
     header = (f"# Written by `libkd fit {data_dir}`: the study it runs. Take it further with `libkd study {path}`\n"
               "# (add runs, seeds or a settings search; finished steps are reused).\n")
-    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    path.write_text(header + yaml.dump(config, Dumper=_PlainDumper, sort_keys=False))
     _report_unreadable(config["base"]["data"])
     where = f"{layout['val']}" if layout["val"] else f"{int(HOLDOUT * 100)} % of every class of train/, held out"
     print(f"fit: {len(layout['classes'])} classes, {sum(layout['classes'].values())} training images, validation on {where}; "
