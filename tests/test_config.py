@@ -114,3 +114,11 @@ def test_views_follow_the_epochs_unless_set(tmp_path):
     assert load_config(path).store.views == 12
     with pytest.raises(ConfigError, match="first_view"):
         load_config(None, ["train.epochs=3", "store.first_view=3"])
+
+
+def test_describe_data_names_the_subset_only_when_there_is_one():
+    from libkd.config import describe_data
+
+    assert describe_data({"source": "imagefolder", "root": "/data/pets", "subset": None}) == "imagefolder /data/pets"
+    assert describe_data({"source": "cifar10", "root": "../c10", "subset": 0.1}) == "cifar10 ../c10 (subset 0.1)"
+    assert describe_data({"source": "digits", "root": None, "subset": 100}) == "digits (subset 100)"

@@ -126,6 +126,12 @@ class DataConfig(Section):
     std: list[float] | None = None
 
 
+def describe_data(data: dict[str, Any]) -> str:
+    """A data config (as dumped) in one phrase for reports, summaries and model cards: source, root, subset if any."""
+    where = " ".join(str(part) for part in (data.get("source"), data.get("root")) if part)
+    return where + (f" (subset {data['subset']})" if data.get("subset") is not None else "")
+
+
 class AugmentConfig(Section):
     """Standard training augmentation for teachers (crop + flip)."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from libkd import LibkdError
+from libkd.config import describe_data
 
 
 def load_run(folder: str | Path) -> dict[str, Any]:
@@ -215,7 +216,7 @@ def write_report(folders: list[str], out: str | Path) -> Path:
     pictures = plot(runs, out)
     data = runs[0]["meta"]["data_config"]
     lines = ["# libkd report", "",
-             f"Data: {data['source']} {data.get('root') or ''} (subset {data.get('subset')}), "
+             f"Data: {describe_data(data)}, "
              f"{len(runs[0]['meta']['dataset']['classes'])} classes; top-1 on the validation split, in percent. "
              "Head 0 is the class token's head, head t the token of teacher t; top-1 is the combined prediction.", "",
              *results_table(runs), "", "## Teachers", "", *teacher_section(runs), "", "## Curves", ""]

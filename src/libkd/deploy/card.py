@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from libkd import LibkdError, __version__
+from libkd.config import describe_data
 from libkd.deploy.runtime import FP32_FILE, INT8_FILE
 
 
@@ -78,7 +79,7 @@ def model_card(checkpoint: str, meta: dict[str, Any], record: dict[str, Any], sp
         if store:
             lines.append(f"  - store `{store.get('path')}`, {distill.get('views')} views per image")
     lines += ["", "## Data", "",
-              f"- Source: {meta.get('dataset', {}).get('source')} {data.get('root') or ''} (subset {data.get('subset')}), "
+              f"- Source: {describe_data({**data, 'source': meta.get('dataset', {}).get('source')})}, "
               f"fingerprint `{meta.get('dataset', {}).get('fingerprint', '?')[:16]}`",
               f"- Trained for {meta.get('metrics', {}).get('epoch', '?')} epochs; the recipe is `config.yaml` beside the "
               f"checkpoint (`{Path(checkpoint).parent / 'config.yaml'}`)", "",

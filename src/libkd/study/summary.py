@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from libkd.config import describe_data
 from libkd.study.park import parked_folder
 from libkd.study.plan import RunSpec, StudyState
 from libkd.study.verdicts import results_by_run, claims, gain_changes
@@ -47,7 +48,7 @@ def summary_markdown(study: StudyState, finished: list[tuple[RunSpec, int, Path]
     per_run = [("student", lambda c: c.student.name)] if len(students) > 1 else []
     per_run += [("epochs", lambda c: str(c.train.epochs))] if len(schedules) > 1 else []
     lines = ["# Study summary", "",
-             f"Training data: {cfg.base.data.source} {cfg.base.data.root or ''} (subset {cfg.base.data.subset}); "
+             f"Training data: {describe_data(cfg.base.data.model_dump())}; "
              + (f"student {base.student.name}, " if len(students) == 1 else "")
              + (f"{base.train.epochs} epochs; " if len(schedules) == 1 else "")
              + f"top-1 on the test split ({cfg.base.data.val_split}), in percent; mean ± standard deviation over seeds.", "",
