@@ -7,7 +7,7 @@ validation images per class (the first M of each class in the test file) as PNG 
     apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb fmnist
     .venv/bin/python benchmarks/fashion_mnist_folder.py fmnist/usr/share/datasets/fashion-mnist /tmp/fashion \
         --train-per-class 200 --val-per-class 100
-    .venv/bin/libkd fit /tmp/fashion --epochs 30 --out runs/fit-fashion
+    .venv/bin/libkd fit /tmp/fashion --out runs/fit-fashion          # the defaults: 100 epochs
 """
 
 from __future__ import annotations

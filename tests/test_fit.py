@@ -55,6 +55,11 @@ def test_fit_runs_the_whole_recipe_and_resumes(tmp_path, capsys):
     assert "student-s0 (store, teachers ['conv', 'inv'], per-token): done, reusing it" in again
     assert "epoch 1/2" not in again and "precompute" not in again  # nothing trained or computed again
     assert (out / "export" / "model.onnx").stat().st_mtime_ns == model
+    edited = config + "- name: alone\n  mode: none\n"  # a user takes the study further by hand, then reruns fit
+    (out / "fit.yaml").write_text(edited)
+    assert main(["fit", str(data), "--out", str(out), "--epochs", "2"]) == 0
+    assert f"kept as '{out / 'fit.previous-1.yaml'}'" in capsys.readouterr().out
+    assert (out / "fit.previous-1.yaml").read_text() == edited and (out / "fit.yaml").read_text() == config
 
 
 def test_fit_holds_out_part_of_train_without_a_validation_folder(tmp_path):

@@ -141,6 +141,15 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
+def _keep_aside(path: Path) -> Path:
+    """Rename ``path`` (fit.yaml) to the first free fit.previous-N.yaml beside it, so a rerun loses no edit."""
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.previous-{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(kept)
+    return kept
+
+
 def _report_unreadable(data: dict[str, Any]) -> None:
     """Name the files the loaders will skip (data.skip_corrupt), once, before hours of training."""
     from libkd.config import DataConfig
@@ -175,8 +184,14 @@ def fit(data_dir: str | Path, out: str | Path = "runs/fit", epochs: int = 100, i
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fit.yaml"
     header = (f"# Written by `libkd fit {data_dir}`: the study it runs. Take it further with `libkd study {path}`\n"
-              "# (add runs, seeds or a settings search; finished steps are reused).\n")
-    path.write_text(header + yaml.dump(config, Dumper=_PlainDumper, sort_keys=False))
+              "# (add runs, seeds or a settings search; finished steps are reused). Rerunning `libkd fit` rewrites\n"
+              "# this file; a copy that differs (edited by hand) is first kept beside it as fit.previous-N.yaml.\n")
+    text = header + yaml.dump(config, Dumper=_PlainDumper, sort_keys=False)
+    if path.is_file() and path.read_text() != text:
+        kept = _keep_aside(path)
+        print(f"'{path}' differs from the config this command writes (edited, or written with other options): "
+              f"kept as '{kept}' (`libkd study {kept}` runs it)")
+    path.write_text(text)
     _report_unreadable(config["base"]["data"])
     where = f"{layout['val']}" if layout["val"] else f"{int(HOLDOUT * 100)} % of every class of train/, held out"
     print(f"fit: {len(layout['classes'])} classes, {sum(layout['classes'].values())} training images, validation on {where}; "
