@@ -345,6 +345,20 @@ def test_a_mean_token_is_compared_with_the_teachers_mean_at_its_own_temperature(
     assert score(outputs, ["a", "b", "c"], tau=1.0)["token_teacher_partition"][0]["only_first_right"] == 50.0
 
 
+def test_the_teachers_ensemble_is_scored_on_their_mean_probabilities():
+    from libkd.evaluate import score
+
+    labels = torch.tensor([0, 2])
+    # image 0: mean logits say class 1, mean probabilities class 0 (the confident teacher wins); image 1: both say 2
+    t0 = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    t1 = torch.tensor([[-10.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    head = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    outputs = {"labels": labels, "combined": head, "heads": torch.stack([head, head, head]), "teachers": torch.stack([t0, t1])}
+    result = score(outputs, ["a", "b", "c"])
+    assert result["teachers"][1]["top1"] == 50.0 and result["teacher_ensemble"] == {"top1": 100.0, "top5": 100.0}
+    assert "teacher_ensemble" not in score({**outputs, "heads": torch.stack([head, head]), "teachers": t0[None]}, ["a", "b", "c"])
+
+
 def test_a_training_step_waits_for_the_device_once(monkeypatch):
     """The loss's parts stay tensors; the step reads the loss once (finiteness check and log share it)."""
     from libkd.config import TrainConfig

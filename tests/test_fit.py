@@ -47,6 +47,8 @@ def test_fit_runs_the_whole_recipe_and_resumes(tmp_path, capsys):
     assert scores["num_images"] == 4 and len(scores["teachers"]) == 2
     table = printed[printed.index("val top-1"):]
     assert f"{scores['top1']:.2f}" in table and f"{scores['teachers'][0]['top1']:.2f}" in table
+    assert f"teachers' ensemble (mean probabilities)  {scores['teacher_ensemble']['top1']:9.2f}" in table
+    assert f"| ensemble (mean probabilities) | {scores['teacher_ensemble']['top1']:.2f} |" in (out / "report" / "report.md").read_text()
     model = (out / "export" / "model.onnx").stat().st_mtime_ns
     assert main(["fit", str(data), "--out", str(out), "--epochs", "2"]) == 0  # the same command again: all reused
     again = capsys.readouterr().out

@@ -43,6 +43,8 @@ def fit_cmd(args: argparse.Namespace) -> int:
     scores = r["eval"]
     rows = [("student (ViT, one token per teacher)", scores["top1"])]
     rows += [(f"teacher {name}", t["top1"]) for name, t in zip(("conv (ResNet)", "inv (RedNet)"), scores.get("teachers", []))]
+    if "teacher_ensemble" in scores:
+        rows.append(("teachers' ensemble (mean probabilities)", scores["teacher_ensemble"]["top1"]))
     print(f"\n{'model':40s} {'val top-1':>9s}")
     for name, top1 in rows:
         print(f"{name:40s} {top1:9.2f}")
@@ -156,7 +158,7 @@ def distill_cmd(args: argparse.Namespace) -> int:
     "evaluate",
     help="Score a student or teacher checkpoint on its validation split: top-1/top-5 of every head and of the "
     "combined prediction, calibration (ECE, 15 bins), per-class accuracy, confusion matrix; with --teachers, the "
-    "teachers' accuracy, their complementarity and each token's agreement with its teacher.",
+    "teachers' accuracy (each, and their ensemble: mean probabilities), their complementarity and each token's agreement with its teacher.",
     arguments=[arg("checkpoint", help="NAME of NAME.safetensors + NAME.json, e.g. runs/x/student"),
                arg("--teachers", nargs="+", help="teacher checkpoints, in the student's token order"),
                arg("--json", dest="json_out", help="write the full result here (default: CHECKPOINT.eval.json)"),
@@ -177,6 +179,8 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     line = f"{result['model']}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ECE {result['ece']:.4f}  heads [{heads}]"
     if "teachers" in result:
         line += "  teachers [" + ", ".join(f"{t['top1']:.2f}" for t in result["teachers"]) + "]"
+        if "teacher_ensemble" in result:
+            line += f"  ensemble {result['teacher_ensemble']['top1']:.2f}"
         line += "  agreement [" + ", ".join(f"{a:.1f}" for a in result["token_teacher_agreement"]) + "]"
     print(f"{line}  ({result['num_images']} images; {target})")
     return 0

@@ -62,7 +62,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
 
 def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = True, tau: float = 1.0) -> dict[str, Any]:
     """Top-1/top-5 of each head and of the combined prediction and its mean cross-entropy; with ``full``, ECE, per-class accuracy,
-    the confusion matrix and, when teachers ran, their accuracy and each head's agreement with them."""
+    the confusion matrix and, when teachers ran, their accuracy (each, and their ensemble: mean probabilities) and each head's
+    agreement with them."""
     labels, combined, heads = outputs["labels"], outputs["combined"], outputs["heads"]
     c = len(classes)
     result: dict[str, Any] = {
@@ -85,6 +86,9 @@ def score(outputs: dict[str, torch.Tensor], classes: list[str], full: bool = Tru
         result["token_teacher_agreement"] = token_agreement(tokens, teachers, tau)
         # each token against what it learned from (its teacher, or the teachers' mean): who is right where
         result["token_teacher_partition"] = [partition(h.argmax(-1), t, labels) for h, t in zip(tokens, targets)]
+        if len(teachers) > 1:  # what the student is measured against when it claims to pass its teachers
+            mean = teachers.softmax(-1).mean(0)
+            result["teacher_ensemble"] = {"top1": accuracy(mean, labels), "top5": accuracy(mean, labels, 5)}
         if len(teachers) == 2:
             result["teacher_pair"] = partition(teachers[0].argmax(-1), teachers[1].argmax(-1), labels)
     return result

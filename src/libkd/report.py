@@ -117,6 +117,9 @@ def teacher_section(runs: list[dict[str, Any]]) -> list[str]:
     teachers = teachers_of(evaluated)
     lines = ["| teacher | top-1 | top-5 |", "|---|---|---|"]
     lines += [f"| `{path}` | {t['top1']:.2f} | {t['top5']:.2f} |" for path, t in teachers.items()]
+    ensemble = next((r["eval"]["teacher_ensemble"] for r in evaluated if r["eval"].get("teacher_ensemble")), None)
+    if ensemble:
+        lines.append(f"| ensemble (mean probabilities) | {ensemble['top1']:.2f} | {ensemble['top5']:.2f} |")
     paired = next((r["eval"] for r in evaluated if r["eval"].get("teacher_pair")), None)
     if paired:
         pair, (first, second) = paired["teacher_pair"], paired["teacher_checkpoints"]
