@@ -127,3 +127,15 @@ def test_fit_refuses_a_bad_folder_by_name(tmp_path, capsys, make, message):
 def test_the_students_patch_divides_the_image_into_at_most_8x8(size, patch):
     assert patch_size_for(size) == patch
     assert size % patch == 0 and size // patch <= 8
+
+
+def test_fit_says_when_a_teacher_is_the_better_model_to_deploy():
+    from libkd.study.fit import advice
+
+    scores = {"top1": 77.4, "teachers": [{"top1": 88.3}, {"top1": 87.0}],
+              "teacher_checkpoints": ["out/teachers/conv/teacher", "out/teachers/inv/teacher"]}
+    tip = advice(scores)
+    assert "10.90 points below its teacher 'out/teachers/conv/teacher'" in tip
+    assert f"libkd export out/teachers/conv/teacher --int8 dynamic --out {Path('out/teachers/conv/export')}" in tip
+    assert advice({**scores, "top1": 85.3}) is None  # within 3 points: the student is the model
+    assert advice({"top1": 70.0}) is None  # evaluated without teachers: nothing to compare

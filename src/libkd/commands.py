@@ -37,7 +37,7 @@ def _data_override(args: argparse.Namespace):
     uses_config=False,
 )
 def fit_cmd(args: argparse.Namespace) -> int:
-    from libkd.study.fit import fit
+    from libkd.study.fit import advice, fit
 
     r = fit(args.data_dir, args.out, args.epochs, args.image_size, args.device, args.workers)
     scores = r["eval"]
@@ -50,6 +50,8 @@ def fit_cmd(args: argparse.Namespace) -> int:
         print(f"{name:40s} {top1:9.2f}")
     print(f"\nreport: {r['report']}\nexport: {r['export']} (model.onnx, model.int8.onnx, MODEL_CARD.md)\n"
           f"config: {r['config']} (`libkd study {r['config']}` takes it further)")
+    if tip := advice(scores):
+        print(f"\nnote: {tip}")
     return 0
 
 

@@ -22,6 +22,7 @@ from libkd.data.datasets import IMG_EXTENSIONS, DataError
 SPLIT_NAMES = ("val", "test")  # the first of these beside train/ is the validation split
 HOLDOUT = 0.1  # without one: this fraction of every class of train/ is held out (stratified)
 SMALL = 64  # images up to this size keep it (CIFAR-style networks); larger ones are resized to it by default
+BEHIND = 3.0  # top-1 points: a student further below its best teacher is not yet the model to deploy
 
 
 def _images(folder: Path) -> list[Path]:
@@ -160,6 +161,22 @@ def _report_unreadable(data: dict[str, Any]) -> None:
     skipped = [name for split in splits for name in build_dataset(config, split).skipped]
     if skipped:
         print(f"skipping {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+
+
+def advice(scores: dict[str, Any]) -> str | None:
+    """What to do when the best teacher beats the student by more than BEHIND points (``scores``: the student's
+    evaluation with its teachers): export that teacher now, or train longer."""
+    teachers = scores.get("teachers") or []
+    if not teachers:
+        return None
+    best = max(range(len(teachers)), key=lambda i: teachers[i]["top1"])
+    gap = teachers[best]["top1"] - scores["top1"]
+    if gap <= BEHIND:
+        return None
+    path = scores["teacher_checkpoints"][best]
+    return (f"the student is {gap:.2f} points below its teacher '{path}' on these images. To deploy the better model "
+            f"now: libkd export {path} --int8 dynamic --out {Path(path).parent / 'export'}; more epochs (--epochs) may "
+            "close the gap (docs/fit.md)")
 
 
 def fit(data_dir: str | Path, out: str | Path = "runs/fit", epochs: int = 100, image_size: int | None = None,
