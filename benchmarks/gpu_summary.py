@@ -30,7 +30,7 @@ STORE_PROGRESS = re.compile(r"precompute: .*?([\d,]+) of ([\d,]+) views, ([\d,.]
 def pytest_counts(text: str) -> dict[str, int]:
     """Counts from pytest's last summary line (``2 failed, 18 passed in 30s``); all zero when there is none."""
     counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
-    lines = [line for line in text.splitlines() if PYTEST_COUNT.search(line) and (" in " in line or "=" in line)]
+    lines = [line for line in text.splitlines() if PYTEST_COUNT.search(line)]
     for number, kind in PYTEST_COUNT.findall(lines[-1] if lines else ""):
         key = "errors" if kind.startswith("error") else kind
         if key in counts:
@@ -51,6 +51,11 @@ def machine_seconds(before: dict[str, float], after: dict[str, float], prefix: s
     return sum(after[k] - before.get(k, 0.0) for k in after if k.startswith(prefix))
 
 
+def run_seed(run: str) -> str:
+    """The seed in a study run's folder name (``both-v300-s0`` -> ``0``): it names the store the run reads."""
+    return run.rsplit("-s", 1)[1]
+
+
 def summarise(out_dir: Path, run_dir: Path, run: str, epochs: int = 300) -> dict:
     """The gpu.json record; see the module docstring for where each figure comes from."""
     gpu_lines = (out_dir / "gpu.txt").read_text().splitlines() if (out_dir / "gpu.txt").is_file() else []
@@ -65,8 +70,9 @@ def summarise(out_dir: Path, run_dir: Path, run: str, epochs: int = 300) -> dict
         return json.loads(path.read_text()) if path.is_file() else {}
 
     before, after = timings("timings_before.json"), timings("timings_after.json")
-    store_s = machine_seconds(before, after, "store ")
-    run_s = machine_seconds(before, after, f"run {run}")
+    # only this seed's store: the next seed's build, which the time limit cuts, is not part of this run
+    store_s = machine_seconds(before, after, f"store stores/seed{run_seed(run)}-")
+    run_s = after.get(f"run {run}", 0.0) - before.get(f"run {run}", 0.0)
     rows = []
     if (run_dir / "metrics.jsonl").is_file():
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

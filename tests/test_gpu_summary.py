@@ -25,7 +25,8 @@ def _check_output(out: Path, run_dir: Path, epochs_done: int, landed: bool) -> N
     # timings.json sums every machine's time: the committed CPU share must not count as the GPU's
     (out / "timings_before.json").write_text(json.dumps({"store stores/seed0-ab": 3806.5, "run both-m100-s0": 2066.4}))
     (out / "timings_after.json").write_text(json.dumps({"store stores/seed0-ab": 3966.5, "run both-m100-s0": 2066.4,
-                                                        "run both-v300-s0": 300.0}))
+                                                        "run both-v300-s0": 300.0,
+                                                        "store stores/seed1-ab": 45.0}))  # the next seed, cut
     run_dir.mkdir(parents=True)
     rates = [5000.0, 5400.0, 5600.0]
     rows = [{"epoch": e, "images_per_s": rates[e % 3], "val_top1": None} for e in range(1, epochs_done + 1)]
@@ -63,10 +64,10 @@ def test_parsers_take_the_last_summary_and_finished_build():
 
 
 def test_no_gpu_name_when_nvidia_smi_printed_nothing(tmp_path):
-    out, run_dir = tmp_path / "out", tmp_path / "runs" / "r"
+    out, run_dir = tmp_path / "out", tmp_path / "runs" / "r-s0"
     _check_output(out, run_dir, 1, landed=False)
     (out / "gpu.txt").write_text("torch 2.14.1+cu130 timm 1.0.31\n")  # a machine without nvidia-smi
-    record = summarise(out, run_dir, "r")
+    record = summarise(out, run_dir, "r-s0")
     assert record["gpu"] is None and record["torch"] == "2.14.1+cu130"
 
 
