@@ -40,7 +40,7 @@ cp "$RESULTS/timings.json" "$OUT/timings_before.json" 2>/dev/null || echo '{}' >
 left=$(( ${TOTAL_S:-560} - (SECONDS - start) - 25 ))  # 25 s for the summary and the archive
 if [ "$left" -gt 60 ]; then
   # seed 0 first; the time limit stops the study in seed 1, which is not part of the check
-  timeout "$left" python3 -m libkd study "$STUDY" --runs "$RUN" --set set.device="${DEVICE:-cuda}" --workers "${WORKERS:-14}" \
+  timeout "$left" python3 -m libkd study "$STUDY" --runs "$RUN" --set base.device="${DEVICE:-cuda}" --set base.replay.backend="${BACKEND:-tensor}" --workers "${WORKERS:-14}" \
     2>&1 | grep -v '^W[0-9]' | tee -a "$OUT/study.log"
 fi
 cp "$OUTDIR/timings.json" "$OUT/timings_after.json" 2>/dev/null || echo '{}' > "$OUT/timings_after.json"

@@ -44,7 +44,8 @@ def teachers(tmp_path_factory) -> list[str]:
 def stores(tmp_path_factory, teachers) -> dict[str, str]:
     root = tmp_path_factory.mktemp("stores")
     built = {}
-    for name, extra in (("consistent", []), ("naive", ["replay.enabled=false", "store.views=1"])):
+    for name, extra in (("consistent", []), ("naive", ["replay.enabled=false", "store.views=1"]),
+                        ("tensor", ["replay.backend=tensor"])):
         cfg = load_config(None, DATA + ["store.views=2", "store.shard_size=16", f"store.path={root / name}",
                                         f"store.teachers=[{', '.join(teachers)}]", *extra])
         precompute(cfg)
@@ -87,6 +88,22 @@ def test_store_and_online_runs_with_the_same_seed_agree(tmp_path, teachers, stor
     stored = distill(run_config(tmp_path / "store", "distill.mode=store", f"distill.store={stores['consistent']}", *common))
     # Same views, same order, same initial weights: the targets differ only by fp16 rounding.
     assert abs(online["train_loss"] - stored["train_loss"]) < 1e-3 * online["train_loss"]
+
+
+def test_a_tensor_rendered_store_trains_its_student_on_the_same_views(tmp_path, teachers, stores):
+    # The store was built from views rendered in batches by torch ops (replay.backend=tensor); a student trained
+    # from it renders them the same way (the store's recipe), here with a loader worker drawing and the main process
+    # rendering, and online teachers run on those views give the store's targets up to fp16 rounding.
+    common = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.workers=1"]
+    stored = distill(run_config(tmp_path / "store", "distill.mode=store", f"distill.store={stores['tensor']}", *common))
+    online = distill(run_config(tmp_path / "online", "distill.mode=online", "replay.backend=tensor",
+                                f"distill.teachers=[{', '.join(teachers)}]", *common))
+    assert abs(online["train_loss"] - stored["train_loss"]) < 1e-3 * online["train_loss"]
+    pil = distill(run_config(tmp_path / "pil", "distill.mode=online", f"distill.teachers=[{', '.join(teachers)}]", *common))
+    assert pil["train_loss"] != online["train_loss"]  # the PIL pixels differ a little: a store says which it holds
+    assert load_config(tmp_path / "store" / "config.yaml").replay.backend == "tensor"
+    with pytest.raises(LibkdError, match="replay.backend: config 'pil', store 'tensor'"):
+        distill(run_config(tmp_path / "x", f"distill.store={stores['tensor']}", "replay.backend=pil"))
 
 
 def test_mean_combination_uses_one_token(tmp_path, stores):

@@ -268,13 +268,13 @@ def test_a_store_whose_augmentation_no_longer_replays_is_refused(tmp_path, teach
     manifest = LogitStore(cfg.store.path).manifest
     assert manifest["versions"]["numpy"] == np.__version__ and len(manifest["replay_probe"]) == 64
     LogitStore(cfg.store.path, expected=_expected(cfg, teachers))  # replays identically here
-    real_crop = ReplayAugment._random_resized_crop
+    real_box = ReplayAugment._random_resized_box
 
-    def drifted_crop(self, img, rng):  # what another PIL or NumPy release might do: one pixel off
-        out = real_crop(self, img, rng)
-        return out.transpose(0) if rng.random() < 0.5 else out
+    def drifted_box(self, height, width, rng):  # what another NumPy release might do: a crop one pixel off
+        box = real_box(self, height, width, rng)
+        return box if box is None or box[2] < 2 else (box[0], box[1], box[2] - 1, box[3])
 
-    monkeypatch.setattr(ReplayAugment, "_random_resized_crop", drifted_crop)
+    monkeypatch.setattr(ReplayAugment, "_random_resized_box", drifted_box)
     with pytest.raises(StoreError, match="replay_probe: the stored augmentation does not replay to the same pixels here"):
         LogitStore(cfg.store.path, expected=_expected(cfg, teachers))
     with pytest.raises(StoreError, match="replay_probe"):

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from libkd import LibkdError
 
@@ -165,6 +166,18 @@ class ReplayConfig(Section):
     cutmix_alpha: float = Field(0.0, ge=0)  # DeiT: 1.0
     mix_prob: float = Field(1.0, ge=0, le=1)
     switch_prob: float = Field(0.5, ge=0, le=1)
+    # Who renders the draws: "pil" one image at a time in the loader's workers (timm's PIL ops); "tensor" in batches
+    # with torch ops on the training device, the data set held there (libkd.data.batched_replay: for small images
+    # on a GPU). The pixels differ slightly, so a store records which and is replayed by the same.
+    backend: Literal["pil", "tensor"] = "pil"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict[str, Any]:
+        # "pil" is what every recipe was before the key existed: left out, the recipes' hashes and stores stay valid.
+        dumped = handler(self)
+        if dumped.get("backend") == "pil":
+            dumped.pop("backend")
+        return dumped
 
     @field_validator("auto_augment")
     @classmethod

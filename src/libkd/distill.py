@@ -25,7 +25,8 @@ import torch
 from libkd import LibkdError
 from libkd.config import DistillConfig, ExperimentConfig, ReplayConfig, StoreConfig, TrainConfig, save_config
 from libkd.data import cache_dir, load_splits
-from libkd.data.replay import ReplayAugment, ReplayDataset, ReplaySampler, recipe_hash
+from libkd.data.batched_replay import replay_loader
+from libkd.data.replay import ReplayAugment, ReplaySampler, recipe_hash
 from libkd.distributed import barrier, setup_processes
 from libkd.engine import (RESUMABLE_TRAIN_KEYS, build_optimizer, build_scheduler, make_scaler, resume, save_resume_state, seed_everything,
                           train_one_epoch, worker_init, write_history)
@@ -58,7 +59,7 @@ def _store_settings(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, 
     stored_replay = ReplayConfig.model_validate(m["replay"])
     if not naive:
         for key in sorted(cfg.replay.model_fields_set):
-            mine, theirs = cfg.replay.model_dump(mode="json")[key], stored_replay.model_dump(mode="json")[key]
+            mine, theirs = getattr(cfg.replay, key), getattr(stored_replay, key)
             if mine != theirs:
                 conflicts.append(f"replay.{key}: config {mine!r}, store {theirs!r}")
     data_from_store = {"image_size": m["image_size"], "mean": m["mean"], "std": m["std"], "crop_pct": m["crop_pct"]}
@@ -264,16 +265,14 @@ def _run_identity(cfg: ExperimentConfig, run: dict[str, Any], student_kwargs: di
 
 
 def _train_loader(cfg: ExperimentConfig, train, inputs: tuple, views: int, rank: int, world: int, device: torch.device,
-                  collate) -> torch.utils.data.DataLoader:
+                  collate):
     """The student's replayed views, V views, a new order every epoch. Each rank takes every world-th sample of the
     epoch's order, so the global batch holds the same samples as one process's batch would."""
     augment = ReplayAugment(train, cfg.replay, cfg.seed, *inputs, cfg.data.crop_pct)
     sampler = ReplaySampler(len(train), cfg.seed, views=views, rank=rank, world=world)
     local_batch = cfg.train.batch_size // world
-    return torch.utils.data.DataLoader(
-        ReplayDataset(augment), sampler=sampler, batch_size=local_batch, drop_last=len(sampler) > local_batch,
-        num_workers=cfg.train.workers, persistent_workers=cfg.train.workers > 0, pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init if cfg.train.workers else None, collate_fn=collate)
+    return replay_loader(augment, sampler, local_batch, device, cfg.train.workers, drop_last=len(sampler) > local_batch,
+                         persistent=True, worker_init_fn=worker_init, add=collate)
 
 
 def _weight_ema(model: torch.nn.Module, decay: float | None):
@@ -367,14 +366,13 @@ def _untempered_tails(cfg: ExperimentConfig, store: LogitStore, tau: float) -> N
 
 
 class WithStoredTargets:
-    """A DataLoader collate that adds the store's targets for the batch's samples and view, so the store is read in
-    the loader's workers (beside the augmentation) instead of in the training loop."""
+    """Appends the store's targets for a collated batch's samples and view: run by the loader's collate, so the store
+    is read in the loader's workers (beside the augmentation) instead of in the training loop."""
 
     def __init__(self, store: LogitStore, columns: list[int], tau: float):
         self.store, self.columns, self.tau = store, columns, tau
 
-    def __call__(self, samples: list) -> tuple:
-        batch = torch.utils.data.default_collate(samples)
+    def __call__(self, batch: tuple) -> tuple:
         indices, views = batch[4], batch[5]
         return (*batch, self.store.read(indices.numpy(), int(views[0]), self.columns, self.tau))
 

@@ -70,6 +70,9 @@ def _loaders(cfg: ExperimentConfig, train: ImageDataset, val: ImageDataset, spec
     keep = {"num_workers": workers, "persistent_workers": workers > 0, "worker_init_fn": worker_init if workers else None,
             "pin_memory": pin}
     if cfg.augment.replay:
+        if cfg.replay.backend != "pil":
+            raise LibkdError("replay.backend=tensor renders the views of stores and students; a teacher trains on "
+                             "PIL-rendered views: set replay.backend=pil for train-teacher")
         replay = ReplayDataset(ReplayAugment(train, cfg.replay, cfg.seed, size, mean, std, crop_pct))
         sampler = ReplaySampler(len(train), cfg.seed, rank=rank, world=world)
         train_loader = torch.utils.data.DataLoader(

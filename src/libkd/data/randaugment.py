@@ -22,7 +22,7 @@ from timm.data.auto_augment import NAME_TO_OP
 from libkd.config import LEVEL_SCALE, OPS, OPS_INCREASING, RandAugmentSpec, parse_rand_augment
 
 __all__ = ["LEVEL_SCALE", "OPS", "OPS_INCREASING", "SIGNED", "RandAugmentSpec", "apply_op", "op_arguments", "parse_rand_augment",
-           "rand_augment"]
+           "pixel_arguments", "rand_augment", "rand_augment_draws"]
 
 SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "ColorIncreasing", "ContrastIncreasing",
           "BrightnessIncreasing", "SharpnessIncreasing"}
@@ -59,24 +59,26 @@ def op_arguments(name: str, magnitude: float, negate: bool) -> tuple:
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 
-def apply_op(img: Image.Image, name: str, magnitude: float, negate: bool, fill: tuple[int, int, int],
-             resample: str = "bilinear") -> Image.Image:
-    """Apply one op at a fixed magnitude and sign: timm's pixels.
+def pixel_arguments(name: str, magnitude: float, negate: bool) -> tuple:
+    """The arguments the op's pixels are computed from: ``op_arguments``, except that posterize keeps at least 1 bit.
 
-    One exception: timm asks for 0 bits at posterize's strongest levels (``Posterize`` below m2.5,
-    ``PosterizeIncreasing`` at m10, which mstd noise reaches from m9). Pillow 10+ refuses that and
-    older Pillow returned a black image, so we keep 1 bit there.
+    timm asks for 0 bits at posterize's strongest levels (``Posterize`` below m2.5, ``PosterizeIncreasing`` at m10,
+    which mstd noise reaches from m9). Pillow 10+ refuses that and older Pillow returned a black image.
     """
     args = op_arguments(name, magnitude, negate)
-    if name.startswith("Posterize"):
-        args = (max(1, args[0]),)
-    return NAME_TO_OP[name](img, *args, fillcolor=fill, resample=RESAMPLE[resample])
+    return (max(1, args[0]),) if name.startswith("Posterize") else args
 
 
-def rand_augment(img: Image.Image, spec: RandAugmentSpec, rng: np.random.Generator, fill: tuple[int, int, int],
-                 resample: str = "bilinear") -> Image.Image:
-    """``spec.num_layers`` ops, every choice drawn from ``rng`` in a fixed order (op, apply?, magnitude, sign)."""
-    ops = spec.ops
+def apply_op(img: Image.Image, name: str, magnitude: float, negate: bool, fill: tuple[int, int, int],
+             resample: str = "bilinear") -> Image.Image:
+    """Apply one op at a fixed magnitude and sign: timm's pixels (``pixel_arguments`` says the one exception)."""
+    return NAME_TO_OP[name](img, *pixel_arguments(name, magnitude, negate), fillcolor=fill, resample=RESAMPLE[resample])
+
+
+def rand_augment_draws(spec: RandAugmentSpec, rng: np.random.Generator) -> list[tuple[str, float, bool]]:
+    """The ops applied, as (name, magnitude, negate): ``spec.num_layers`` layers, every choice drawn from ``rng`` in a
+    fixed order (op, apply?, magnitude, sign), the magnitude clipped to the spec's range."""
+    ops, applied_ops = spec.ops, []
     for _ in range(spec.num_layers):
         name = ops[int(rng.integers(len(ops)))]
         applied = rng.random() <= spec.prob
@@ -88,5 +90,13 @@ def rand_augment(img: Image.Image, spec: RandAugmentSpec, rng: np.random.Generat
             magnitude = spec.magnitude
         negate = bool(rng.random() > 0.5) and name in SIGNED
         if applied:
-            img = apply_op(img, name, float(min(max(magnitude, 0.0), spec.magnitude_max)), negate, fill, resample)
+            applied_ops.append((name, float(min(max(magnitude, 0.0), spec.magnitude_max)), negate))
+    return applied_ops
+
+
+def rand_augment(img: Image.Image, spec: RandAugmentSpec, rng: np.random.Generator, fill: tuple[int, int, int],
+                 resample: str = "bilinear") -> Image.Image:
+    """RandAugment on one PIL image: the ops ``rand_augment_draws`` draws from ``rng``, applied in order."""
+    for name, magnitude, negate in rand_augment_draws(spec, rng):
+        img = apply_op(img, name, magnitude, negate, fill, resample)
     return img

@@ -24,7 +24,7 @@ from PIL import Image
 
 from libkd.config import ReplayConfig
 from libkd.data.datasets import ImageDataset
-from libkd.data.randaugment import parse_rand_augment, rand_augment
+from libkd.data.randaugment import apply_op, parse_rand_augment, rand_augment_draws
 from libkd.data.transforms import resize_center_crop
 
 # Bump when the pixels a recipe produces change (an op's implementation, the RNG draw order):
@@ -53,21 +53,6 @@ def library_versions() -> dict[str, str]:
             "pillow": PIL.__version__, "timm": timm.__version__}
 
 
-def replay_probe(augment: "ReplayAugment", views: int, samples: int = 8) -> str:
-    """sha256 of the replayed views of the first ``samples`` samples, every view: pixels, partner, ratio.
-
-    Stored in a manifest and recomputed on use, it catches a store whose augmentation no longer
-    replays identically here (another NumPy random stream, another PIL or torchvision op).
-    """
-    digest = hashlib.sha256()
-    for view in range(views):
-        for index in range(min(samples, len(augment.dataset))):
-            out = augment(index, view)
-            digest.update(out.image.contiguous().numpy().tobytes())
-            digest.update(f"|{out.partner}|{out.lam!r}|".encode())
-    return digest.hexdigest()
-
-
 def view_rng(seed: int, index: int, view: int, stream: int) -> np.random.Generator:
     """The generator for one (sample, view); ``stream`` separates the base view from the mixing draw."""
     return np.random.default_rng([seed, index, view, stream])
@@ -80,8 +65,33 @@ class ReplayedView:
     lam: float  # weight of the sample's own label; 1 - lam goes to the partner's
 
 
+@dataclass
+class BaseViewParams:
+    """Every random choice of one un-mixed view, drawn before any pixel is touched: what either renderer applies."""
+
+    box: tuple[int, int, int, int] | None  # random-resized crop (top, left, height, width); None: the evaluation view
+    flip: bool
+    ops: list[tuple[str, float, bool]]  # the RandAugment ops applied, in order: name, magnitude, negate
+    jitter: tuple[float, float, float] | None  # brightness, contrast and saturation factors
+    erase: tuple[int, int, int, int, np.ndarray] | None  # top, left, height, width and the (3, h, w) noise
+
+
+@dataclass
+class MixParams:
+    """The mixing draw of one view: its partner, the weight of its own label and, for CutMix, the pasted box."""
+
+    partner: int
+    lam: float
+    box: tuple[int, int, int, int] | None  # CutMix rows y0:y1, columns x0:x1; None: Mixup with weight lam
+
+
 class ReplayAugment:
-    """Builds view ``view`` of sample ``index`` of ``dataset`` deterministically from ``seed``."""
+    """Builds view ``view`` of sample ``index`` of ``dataset`` deterministically from ``seed``.
+
+    The draws (``base_params``, ``mix_params``) come first and depend on the image's size only; ``__call__`` renders
+    them with PIL, one image at a time. ``libkd.data.batched_replay`` renders the same draws with torch ops in batches
+    on the training device (``replay.backend: tensor``).
+    """
 
     def __init__(self, dataset: ImageDataset, recipe: ReplayConfig, seed: int, image_size: int,
                  mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0):
@@ -93,31 +103,56 @@ class ReplayAugment:
 
     def __call__(self, index: int, view: int) -> ReplayedView:
         image = self.base_view(index, view)
-        r = self.recipe
-        if not r.enabled or len(self.dataset) < 2 or (r.mixup_alpha <= 0 and r.cutmix_alpha <= 0):
+        mix = self.mix_params(index, view)
+        if mix is None:
             return ReplayedView(image, index, 1.0)
-        rng = view_rng(self.seed, index, view, 1)
-        if rng.random() >= r.mix_prob:
-            return ReplayedView(image, index, 1.0)
-        partner = int(rng.integers(len(self.dataset) - 1))
-        partner += partner >= index  # never the sample itself
-        other = self.base_view(partner, view)
-        use_cutmix = r.cutmix_alpha > 0 and (r.mixup_alpha <= 0 or rng.random() < r.switch_prob)
-        if use_cutmix:
-            lam = float(rng.beta(r.cutmix_alpha, r.cutmix_alpha))
-            cut = math.sqrt(1.0 - lam)
-            h = w = self.size
-            ch, cw = int(h * cut), int(w * cut)
-            cy, cx = int(rng.integers(h)), int(rng.integers(w))
-            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        other = self.base_view(mix.partner, view)
+        if mix.box is not None:
+            y0, y1, x0, x1 = mix.box
             image = image.clone()
             image[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
-            lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
         else:
-            lam = float(rng.beta(r.mixup_alpha, r.mixup_alpha))
-            image = image * lam + other * (1.0 - lam)
-        return ReplayedView(image, partner, lam)
+            image = image * mix.lam + other * (1.0 - mix.lam)
+        return ReplayedView(image, mix.partner, mix.lam)
+
+    def mix_params(self, index: int, view: int) -> MixParams | None:
+        """The view's Mixup / CutMix draw, or None when it is not mixed."""
+        r = self.recipe
+        if not r.enabled or len(self.dataset) < 2 or (r.mixup_alpha <= 0 and r.cutmix_alpha <= 0):
+            return None
+        rng = view_rng(self.seed, index, view, 1)
+        if rng.random() >= r.mix_prob:
+            return None
+        partner = int(rng.integers(len(self.dataset) - 1))
+        partner += partner >= index  # never the sample itself
+        use_cutmix = r.cutmix_alpha > 0 and (r.mixup_alpha <= 0 or rng.random() < r.switch_prob)
+        if not use_cutmix:
+            return MixParams(partner, float(rng.beta(r.mixup_alpha, r.mixup_alpha)), None)
+        lam = float(rng.beta(r.cutmix_alpha, r.cutmix_alpha))
+        cut = math.sqrt(1.0 - lam)
+        h = w = self.size
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        return MixParams(partner, 1.0 - (y1 - y0) * (x1 - x0) / (h * w), (y0, y1, x0, x1))
+
+    def base_params(self, index: int, view: int, height: int, width: int) -> BaseViewParams:
+        """The draws of the un-mixed view of an image of ``height`` x ``width`` pixels, in the fixed order the store
+        depends on: crop, flip, RandAugment (op, apply?, magnitude, sign per layer), jitter, erase."""
+        r = self.recipe
+        if not r.enabled:
+            return BaseViewParams(None, False, [], None, None)
+        rng = view_rng(self.seed, index, view, 0)
+        box = self._random_resized_box(height, width, rng)
+        flip = bool(rng.random() < r.hflip)
+        ops = rand_augment_draws(self.rand_augment, rng) if self.rand_augment is not None else []
+        jitter = None
+        if r.color_jitter > 0:
+            lo, hi = max(0.0, 1 - r.color_jitter), 1 + r.color_jitter
+            jitter = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)))
+        erase = self._erase_box(rng) if r.erase_prob > 0 and rng.random() < r.erase_prob else None
+        return BaseViewParams(box, flip, ops, jitter, erase)
 
     def base_view(self, index: int, view: int) -> torch.Tensor:
         """The un-mixed augmented view: crop, flip, RandAugment, colour jitter, normalise, erase.
@@ -126,23 +161,23 @@ class ReplayAugment:
         small images that is several times faster than on tensors, and just as deterministic.
         """
         img = Image.fromarray(np.asarray(self.dataset.load_image(index)))
-        r = self.recipe
-        if not r.enabled:
-            return self._normalise(self._resize(img))
-        rng = view_rng(self.seed, index, view, 0)
-        img = self._random_resized_crop(img, rng)
-        if rng.random() < r.hflip:
+        p = self.base_params(index, view, img.height, img.width)
+        if p.box is None:
+            img = self._resize(img)
+        else:
+            img = F.resized_crop(img, *p.box, [self.size, self.size], antialias=True)
+        if p.flip:
             img = F.horizontal_flip(img)
-        if self.rand_augment is not None:
-            img = rand_augment(img, self.rand_augment, rng, self.fill, r.interpolation)
-        if r.color_jitter > 0:
-            lo, hi = max(0.0, 1 - r.color_jitter), 1 + r.color_jitter
-            img = F.adjust_brightness(img, float(rng.uniform(lo, hi)))
-            img = F.adjust_contrast(img, float(rng.uniform(lo, hi)))
-            img = F.adjust_saturation(img, float(rng.uniform(lo, hi)))
+        for name, magnitude, negate in p.ops:
+            img = apply_op(img, name, magnitude, negate, self.fill, self.recipe.interpolation)
+        if p.jitter is not None:
+            img = F.adjust_brightness(img, p.jitter[0])
+            img = F.adjust_contrast(img, p.jitter[1])
+            img = F.adjust_saturation(img, p.jitter[2])
         out = self._normalise(img)
-        if r.erase_prob > 0 and rng.random() < r.erase_prob:
-            out = self._erase(out, rng)
+        if p.erase is not None:
+            top, left, h, w, noise = p.erase
+            out = F.erase(out, top, left, h, w, torch.from_numpy(noise))
         return out
 
     # -- pieces ------------------------------------------------------------------------------
@@ -154,8 +189,7 @@ class ReplayAugment:
         pixels = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)
         return (pixels / 255.0 - self.mean) / self.std
 
-    def _random_resized_crop(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        width, height = img.size
+    def _random_resized_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
         lo, hi = self.recipe.crop_scale
         area = height * width
         log_ratio = (math.log(self.recipe.crop_ratio[0]), math.log(self.recipe.crop_ratio[1]))
@@ -167,11 +201,11 @@ class ReplayAugment:
             if 0 < w <= width and 0 < h <= height:
                 top = int(rng.integers(0, height - h + 1))
                 left = int(rng.integers(0, width - w + 1))
-                return F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
-        return self._resize(img)  # fall back to the whole image
+                return top, left, h, w
+        return None  # fall back to the whole image
 
-    def _erase(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        _, height, width = img.shape
+    def _erase_box(self, rng: np.random.Generator) -> tuple[int, int, int, int, np.ndarray] | None:
+        height = width = self.size
         for _ in range(10):
             target = height * width * rng.uniform(0.02, 1 / 3)
             ratio = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
@@ -180,9 +214,8 @@ class ReplayAugment:
             if 0 < h < height and 0 < w < width:
                 top = int(rng.integers(0, height - h + 1))
                 left = int(rng.integers(0, width - w + 1))
-                noise = torch.from_numpy(rng.standard_normal((3, h, w)).astype(np.float32))
-                return F.erase(img, top, left, h, w, noise)
-        return img
+                return top, left, h, w, rng.standard_normal((3, h, w)).astype(np.float32)
+        return None
 
 
 class ReplaySampler(torch.utils.data.Sampler):

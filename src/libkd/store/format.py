@@ -23,7 +23,8 @@ import torch
 from libkd import LibkdError
 from libkd.config import DataConfig, ExperimentConfig, StoreConfig
 from libkd.data import ImageDataset
-from libkd.data.replay import ReplayAugment, library_versions, recipe_hash, replay_probe
+from libkd.data.batched_replay import replay_probe
+from libkd.data.replay import ReplayAugment, library_versions, recipe_hash
 from libkd.fileio import read_json_with_format, sha256_file
 from libkd.store.codec import decode, record_dtype
 from libkd.teachers import Teacher

@@ -21,7 +21,8 @@ import torch
 from libkd import LibkdError, __version__
 from libkd.config import DataConfig, ExperimentConfig, ReplayConfig, save_config
 from libkd.data import build_dataset
-from libkd.data.replay import ReplayAugment, ReplayDataset, library_versions, replay_probe
+from libkd.data.batched_replay import render_views, replay_loader, replay_probe
+from libkd.data.replay import ReplayAugment, library_versions
 from libkd.distributed import barrier, setup
 from libkd.engine import resolve_device, worker_init
 from libkd.models import teacher_kind
@@ -108,9 +109,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     if rank == 0 and done_before:
         print(f"resuming '{root}': {done_before} shard(s) already complete")
     bar = progress_bar(total=len(pairs), desc=f"precompute[{rank}]" if world > 1 else "precompute", unit="img")
-    loader = torch.utils.data.DataLoader(
-        ReplayDataset(augment), sampler=pairs, batch_size=cfg.store.batch_size, num_workers=cfg.store.workers,
-        worker_init_fn=worker_init if cfg.store.workers else None, pin_memory=device.type == "cuda")
+    loader = replay_loader(augment, pairs, cfg.store.batch_size, device, cfg.store.workers, worker_init_fn=worker_init)
     pending: dict[int, list[np.ndarray]] = {}
     filled: dict[int, int] = {}
     start_time, images_done, completed = time.perf_counter(), 0, done_before
@@ -295,7 +294,7 @@ def verify_store(root: str | Path, samples: int, device: str = "cpu", seed: int 
     worst = 0.0
     mismatches = []
     noise = DEVICE_NOISE.get(m.get("built_on", {}).get("device"), DEVICE_NOISE["cuda"]) + DEVICE_NOISE.get(torch_device.type, 0.0)
-    images = torch.stack([augment(i, v).image for i, v in picks]).to(torch_device)
+    images = render_views(augment, picks, torch_device)[0]
     for t, fresh in enumerate(teacher_logits(teachers, images, m["mean"], m["std"], m["image_size"])):
         fresh = fresh.float().cpu()
         for row, (i, v) in enumerate(picks):
