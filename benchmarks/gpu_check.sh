@@ -8,7 +8,7 @@
 #   python3 -m pip download ... -d .whl pydantic==2.14.4 ...   # the wheels the GPU image lacks (gpu_study.sh's header)
 # then one device call carrying .gpu-data and .whl, with a limit above TOTAL_S:
 #   bash benchmarks/gpu_check.sh            # TOTAL_S=560 by default: the whole check, tests included
-# What comes back under $OUT: gpu.json (copy it to docs/benchmarks/gpu.json), gpu.txt, cuda_tests.txt, study.log and
+# What comes back under $OUT: gpu.json (copy it to docs/benchmarks/gpu.json), gpu.txt, replay.json, cuda_tests.txt, study.log and
 # results.tar.gz (the study's results folder: a run that landed is issue-ready, commit it). A run the time limit cut
 # is recorded as such in gpu.json (run_300_min and top1 null, epochs_reached), never estimated.
 # DEVICE=cpu STUDY=configs/digits-demo.yaml RUN=both tries the plumbing on a CPU. INVOLUTION_BENCH=1 adds the involution kernel benchmark first (about 2 minutes; docs/gpu.md has its last figures).
@@ -27,6 +27,8 @@ if [ "${INVOLUTION_BENCH:-0}" = 1 ]; then
   timeout 150 python3 benchmarks/bench_involution.py --device cuda --dtypes fp32 bf16 --reps 10 --models \
     --json "$OUT/involution_cuda.json" 2>&1 | tee "$OUT/involution_cuda.txt"
 fi
+timeout 60 python3 benchmarks/bench_replay.py --device "${DEVICE:-cuda}" --batch 512 --json "$OUT/replay.json" 2>&1 \
+  | tee "$OUT/replay.txt"  # the views rendered in batches on the device, against PIL on one core
 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -p no:logging tests -k cuda 2>&1 \
   | tee "$OUT/cuda_tests.txt"
 
