@@ -26,6 +26,24 @@ def isolated_cache(tmp_path, monkeypatch):
     return cache
 
 
+def confident_teachers(root: Path, classes: list[str], input_size: int = 16) -> list[str]:
+    """A small ResNet and RedNet with their heads scaled up (logits far apart per image), saved under ``root``: a
+    target read for the wrong sample, view or flip shows far above fp16 rounding."""
+    from libkd.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    paths = []
+    for name, kwargs in (("resnet18", {"channels": [8, 16, 32, 64], "stem_width": 8}),
+                         ("rednet26_cifar", {"base_width": 8, "stem_width": 16})):
+        model = create_model(name, len(classes), **kwargs).eval()
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(200.0)
+        arch = {"name": name, "num_classes": len(classes), "cifar_stem": False, "kwargs": kwargs}
+        paths.append(str(save_checkpoint(model, root / name, arch, input_size=input_size,
+                                         dataset={"classes": classes}).with_suffix("")))
+    return paths
+
+
 def write_image(path: Path, size: int | tuple[int, int] = 8, seed: int = 0, fmt: str = "PNG") -> np.ndarray:
     w, h = (size, size) if isinstance(size, int) else size
     pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)

@@ -409,3 +409,21 @@ def test_a_limited_validation_sample_spreads_over_every_class(image_folder):
     loader, classes = validation_batches(data, spec, 2, limit=6)
     labels = torch.cat([y for _, y in loader]).tolist()
     assert len(labels) == 6 and sorted(set(labels)) == [0, 1, 2] and classes == ["class0", "class1", "class2"]
+
+
+def test_a_flip_averaged_teacher_is_mirror_invariant_and_exports_as_one_graph(tmp_path):
+    # compare times a student's flip-averaged teachers as they ran for it: both passes in one ONNX graph.
+    from libkd.deploy import export_onnx
+    from libkd.models import FlipAverage
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet18", 4, channels=[8, 16, 32, 64], stem_width=8).eval()
+    averaged = FlipAverage(teacher).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(averaged(x), averaged(x.flip(-1)))
+        torch.testing.assert_close(averaged(x), 0.5 * (teacher(x) + teacher(x.flip(-1))))
+        assert (averaged(x) - teacher(x)).abs().max() > 1e-2  # an untrained net is not mirror-invariant
+    export_onnx(averaged, 16, tmp_path / "teacher.onnx")
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.as_tensor(OnnxModel(tmp_path / "teacher.onnx", 1)(x)), averaged(x), atol=1e-5, rtol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import confident_teachers
 
 from libkd import LibkdError
 from libkd.cli import main
@@ -45,7 +48,7 @@ def stores(tmp_path_factory, teachers) -> dict[str, str]:
     root = tmp_path_factory.mktemp("stores")
     built = {}
     for name, extra in (("consistent", []), ("naive", ["replay.enabled=false", "store.views=1"]),
-                        ("tensor", ["replay.backend=tensor"])):
+                        ("tensor", ["replay.backend=tensor"]), ("flip", ["store.teacher_flip=true"])):
         cfg = load_config(None, DATA + ["store.views=2", "store.shard_size=16", f"store.path={root / name}",
                                         f"store.teachers=[{', '.join(teachers)}]", *extra])
         precompute(cfg)
@@ -104,6 +107,41 @@ def test_a_tensor_rendered_store_trains_its_student_on_the_same_views(tmp_path, 
     assert load_config(tmp_path / "store" / "config.yaml").replay.backend == "tensor"
     with pytest.raises(LibkdError, match="replay.backend: config 'pil', store 'tensor'"):
         distill(run_config(tmp_path / "x", f"distill.store={stores['tensor']}", "replay.backend=pil"))
+
+
+def test_a_flip_averaged_store_teaches_and_scores_the_flip_averaged_teachers(tmp_path, teachers, stores, capsys):
+    # Online teachers run with store.teacher_flip give the flip store's targets; the student records the setting,
+    # and evaluate scores its teachers flip-averaged, as `evaluate TEACHER --flip` does.
+    common = ["train.epochs=1", "train.max_steps_per_epoch=2"]
+    stored = distill(run_config(tmp_path / "store", "distill.mode=store", f"distill.store={stores['flip']}", *common))
+    online = distill(run_config(tmp_path / "online", "distill.mode=online", "store.teacher_flip=true",
+                                f"distill.teachers=[{', '.join(teachers)}]", *common))
+    plain = distill(run_config(tmp_path / "plain", "distill.mode=online", f"distill.teachers=[{', '.join(teachers)}]", *common))
+    assert abs(online["train_loss"] - stored["train_loss"]) < 1e-3 * online["train_loss"]
+    assert plain["train_loss"] != online["train_loss"]
+    assert json.loads((tmp_path / "store" / "student.json").read_text())["distill"]["teacher_flip"] is True
+    assert "teacher_flip" not in json.loads((tmp_path / "plain" / "student.json").read_text())["distill"]
+    assert main(["evaluate", str(tmp_path / "store" / "student")]) == 0
+    beside = json.loads((tmp_path / "store" / "student.eval.json").read_text())["teachers"]
+    student = json.loads((tmp_path / "store" / "student.json").read_text())
+    alone = []
+    for teacher in teachers:  # these teachers record no data set nor normalisation: the student's are theirs
+        copy = tmp_path / Path(teacher).name
+        shutil.copy(teacher + ".safetensors", copy.with_suffix(".safetensors"))
+        meta = json.loads(Path(teacher + ".json").read_text())
+        copy.with_suffix(".json").write_text(json.dumps({**meta, "mean": student["mean"], "std": student["std"]}))
+        for flip in (["--flip"], []):
+            data = [x for setting in DATA for x in ("--set", setting)]
+            assert main(["evaluate", str(copy), *flip, *data, "--json", str(tmp_path / "t.json")]) == 0
+            alone.append(json.loads((tmp_path / "t.json").read_text()))
+    assert "(flip-averaged)" in capsys.readouterr().out
+    scores = [(a["top1"], a["top5"]) for a in alone]  # teacher 0 flipped, plain; teacher 1 flipped, plain
+    assert [(t["top1"], t["top5"]) for t in beside] == [scores[0], scores[2]] and alone[0]["flip"] is True
+    assert scores[0] != scores[1] or scores[2] != scores[3], scores  # else the check above could not tell them apart
+    assert main(["evaluate", str(tmp_path / "store" / "student"), "--flip"]) == 2
+    assert "scores a teacher" in capsys.readouterr().err
+    with pytest.raises(LibkdError, match="store.teacher_flip: config True, store False"):
+        distill(run_config(tmp_path / "x", f"distill.store={stores['consistent']}", "store.teacher_flip=true"))
 
 
 def test_mean_combination_uses_one_token(tmp_path, stores):
@@ -414,16 +452,7 @@ def test_store_targets_are_the_online_targets_of_the_same_samples_step_by_step(t
     import libkd.distill as distill_module
     from libkd.losses import DistillationLoss
 
-    torch.manual_seed(0)
-    paths = []
-    for name, kwargs in (("resnet18", {"channels": [8, 16, 32, 64], "stem_width": 8}),
-                         ("rednet26_cifar", {"base_width": 8, "stem_width": 16})):
-        model = create_model(name, 4, **kwargs).eval()
-        with torch.no_grad():
-            head = model.get_classifier()
-            head.weight.mul_(200.0)
-        arch = {"name": name, "num_classes": 4, "cifar_stem": False, "kwargs": kwargs}
-        paths.append(str(save_checkpoint(model, tmp_path / name, arch, input_size=16, dataset={"classes": CLASSES}).with_suffix("")))
+    paths = confident_teachers(tmp_path, CLASSES)
     store = tmp_path / "store"
     precompute(load_config(None, DATA + ["store.views=2", "store.shard_size=16", f"store.path={store}",
                                          f"store.teachers=[{', '.join(paths)}]"]))

@@ -14,6 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import confident_teachers
+
 from libkd import LibkdError
 from libkd.cli import main
 from libkd.config import load_config
@@ -152,6 +154,48 @@ def test_verify_passes_then_catches_a_tampered_record(tmp_path, teachers, capsys
         verify_store(cfg.store.path, 48)
 
 
+def test_a_flip_averaged_store_records_each_teachers_mean_over_the_view_and_its_mirror(tmp_path):
+    teachers = confident_teachers(tmp_path, CLASSES)  # the view and its mirror give logits far apart
+    cfg = config(tmp_path, teachers, "store.teacher_flip=true", "store.views=2")
+    precompute(cfg)
+    store = LogitStore(cfg.store.path, expected=_expected(cfg, teachers))
+    assert store.manifest["teacher_flip"] is True
+    dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
+    size, mean, std = view_spec(cfg.data, dataset)
+    augment = ReplayAugment(dataset, cfg.replay, cfg.seed, size, mean, std)
+    plain = load_teachers(cfg.store.teachers, dataset.classes, torch.device("cpu"))
+    indices = np.array([0, 13, 47])
+    images = torch.stack([augment(int(i), 1).image for i in indices])
+    stored = store.read(indices, 1)
+    with torch.inference_mode():
+        for t, teacher in enumerate(plain):
+            view = teacher.model(teacher.prepare(images, mean, std, size))
+            mirror = teacher.model(teacher.prepare(images.flip(-1), mean, std, size))
+            scale = view.abs().max().item()
+            torch.testing.assert_close(stored[t], 0.5 * (view + mirror), atol=1e-3 * scale, rtol=1e-3)  # fp16 rounding
+            assert (stored[t] - view).abs().max() > 20e-3 * scale  # not the plain teacher's record
+    assert verify_store(cfg.store.path, 16)["checked_records"] == 32
+    # A manifest that claims plain teachers: its probe recomputes unflipped records and finds them different.
+    manifest_path = Path(cfg.store.path) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["teacher_flip"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="recomputed records differ from the store"):
+        verify_store(cfg.store.path, 16)
+
+
+def test_stores_without_flip_averaging_keep_their_identity_and_the_studys_folder_name():
+    from libkd.config import StoreConfig
+    from libkd.study.plan import short_hash
+
+    # A key that did not exist when these stores were built: off, it is absent from the dump (the studies' store
+    # folders are named by its hash) and from the identity (compared with older manifests).
+    assert "teacher_flip" not in StoreConfig(views=3).model_dump(mode="json")
+    assert short_hash(StoreConfig(views=3).model_dump(mode="json")) != short_hash(
+        StoreConfig(views=3, teacher_flip=True).model_dump(mode="json"))
+    assert StoreConfig(views=3, teacher_flip=True).model_dump(mode="json")["teacher_flip"] is True
+
+
 def _noisy_recomputation(monkeypatch, relative: float, tamper: float = 0.0):
     """Recompute the probe's records with noise of ``relative`` x the logits' scale (what another reduction order,
     cuDNN algorithm or TF32 gives on a GPU), on the CPU; ``tamper`` moves one class of every record by that much."""
@@ -241,6 +285,7 @@ def test_store_info_cli(tmp_path, teachers, capsys):
         (["data.mean=[0.4, 0.4, 0.4]", "data.std=[0.2, 0.2, 0.2]"], "mean"),
         (["store.views=2"], "views"),
         (["store.encoding=topk", "store.topk=2"], "encoding"),
+        (["store.teacher_flip=true"], "teacher_flip"),
     ],
 )
 def test_a_store_built_for_something_else_is_refused(tmp_path, teachers, change, field):

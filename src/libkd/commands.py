@@ -164,6 +164,9 @@ def distill_cmd(args: argparse.Namespace) -> int:
     arguments=[arg("checkpoint", help="NAME of NAME.safetensors + NAME.json, e.g. runs/x/student"),
                arg("--teachers", nargs="+", help="teacher checkpoints, in the student's token order"),
                arg("--json", dest="json_out", help="write the full result here (default: CHECKPOINT.eval.json)"),
+               arg("--flip", action="store_true",
+                   help="score a teacher averaged over each image and its mirror image (its logits' mean), the "
+                   "function a store built with store.teacher_flip=true records"),
                arg("--batch-size", type=int, default=256)],
 )
 def evaluate_cmd(args: argparse.Namespace) -> int:
@@ -174,11 +177,12 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     from libkd.fileio import write_json_atomic
 
     data = _data_override(args)
-    result = evaluate_checkpoint(args.checkpoint, data, args.teachers, resolve_device(args.device or "cpu"), args.batch_size)
+    result = evaluate_checkpoint(args.checkpoint, data, args.teachers, resolve_device(args.device or "cpu"), args.batch_size,
+                                 flip=args.flip)
     target = Path(args.json_out or f"{args.checkpoint}.eval.json")
     write_json_atomic(target, result)
     heads = ", ".join(f"{h['top1']:.2f}" for h in result["heads"])
-    line = f"{result['model']}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ECE {result['ece']:.4f}  heads [{heads}]"
+    line = f"{result['model']}{' (flip-averaged)' if args.flip else ''}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ECE {result['ece']:.4f}  heads [{heads}]"
     if "teachers" in result:
         line += "  teachers [" + ", ".join(f"{t['top1']:.2f}" for t in result["teachers"]) + "]"
         if "teacher_ensemble" in result:

@@ -212,6 +212,10 @@ class StoreConfig(Section):
     # runs and resumptions at one thread count and one setting of this flag.
     compile: bool = False
     verify_samples: int = Field(64, ge=1)
+    # Record each teacher's logits averaged over the view and its mirror image (test-time flip averaging): the
+    # teachers run twice per view at build time only, and every epoch that reads the store learns from the
+    # averaged teachers for free. Online distillation runs its teachers the same way when this is set.
+    teacher_flip: bool = False
     # A complete store of the same data, teachers, recipe, seed and encoding with fewer views: its records are
     # copied as views 0..V_old-1 (view v of sample i is seeded by (seed, i, v), so they are the same records) and
     # only the new views are computed. The result has the bytes of a store built with all the views at once.
@@ -220,6 +224,14 @@ class StoreConfig(Section):
     # which reads no earlier view (epoch e reads view e mod V). Those records have the bytes of the full store's;
     # the manifest and the replay probe still describe all V views, so the run's identity is the full store's.
     first_view: int = Field(0, ge=0)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict[str, Any]:
+        # Left out when off (what every store was before the key existed): the studies' store folders keep their names.
+        dumped = handler(self)
+        if dumped.get("teacher_flip") is False:
+            dumped.pop("teacher_flip")
+        return dumped
 
     @model_validator(mode="after")
     def _window(self) -> "StoreConfig":

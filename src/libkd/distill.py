@@ -62,6 +62,8 @@ def _store_settings(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, 
             mine, theirs = getattr(cfg.replay, key), getattr(stored_replay, key)
             if mine != theirs:
                 conflicts.append(f"replay.{key}: config {mine!r}, store {theirs!r}")
+    if "teacher_flip" in cfg.store.model_fields_set and cfg.store.teacher_flip != bool(m.get("teacher_flip")):
+        conflicts.append(f"store.teacher_flip: config {cfg.store.teacher_flip}, store {bool(m.get('teacher_flip'))}")
     data_from_store = {"image_size": m["image_size"], "mean": m["mean"], "std": m["std"], "crop_pct": m["crop_pct"]}
     for key in sorted(cfg.data.model_fields_set & set(data_from_store)):
         if getattr(cfg.data, key) != data_from_store[key]:
@@ -84,7 +86,8 @@ def _open_store(cfg: ExperimentConfig, m: dict[str, Any], train, size: int, mean
     as_built = cfg.model_copy(update={
         "seed": m["augmentation"]["seed"], "replay": ReplayConfig.model_validate(m["replay"]),
         "store": StoreConfig(views=m["views"], encoding=m["encoding"], topk=m["topk"] or 10,
-                             topk_taus=m.get("topk_taus") or [], shard_size=m["shard_size"])})
+                             topk_taus=m.get("topk_taus") or [], shard_size=m["shard_size"],
+                             teacher_flip=bool(m.get("teacher_flip")))})
     expected = store_identity(as_built, train, metas, size, mean, std)
     return LogitStore(path, expected=expected)
 
@@ -124,7 +127,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     # A hard target of one teacher is its argmax, the same at any tau; that of a mean token is the argmax of the mean of
     # the tempered distributions, which depends on tau: those are read at tau like soft targets.
     read_tau = cfg.distill.tau if cfg.distill.kind == "soft" or cfg.distill.combine == "mean" else 1.0
-    store, columns, teachers, teacher_names, kinds = _targets(cfg, manifest, train, (size, mean, std), read_tau, device)
+    store, columns, teachers, teacher_names, kinds, flip = _targets(cfg, manifest, train, (size, mean, std), read_tau, device)
     num_teachers = len(teacher_names)
     tokens = _tokens(cfg, num_teachers)
 
@@ -140,7 +143,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     teacher_paths = [t.path for t in teachers] if teachers else [manifest["teacher_checkpoints"][i] for i in columns] if manifest else []
     val_teachers = None
     if tokens and rank == 0 and all(Path(p).with_suffix(".json").is_file() for p in teacher_paths):
-        val_teachers = cached_val_logits(teacher_paths, evaluation, spec, val.fingerprint, cache_dir(cfg.data), device)
+        val_teachers = cached_val_logits(teacher_paths, evaluation, spec, val.fingerprint, cache_dir(cfg.data), device, flip)
     steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
@@ -152,7 +155,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
            "combine": cfg.distill.combine if num_teachers else None, "tokens": tokens, "views": views,
            "store": None if store is None else {"path": str(store.root), "identity": {k: manifest.get(k) for k in
                                                                                       ("dataset", "teachers", "augmentation", "replay_probe")}},
-           "teacher_checkpoints": teacher_paths}
+           "teacher_checkpoints": teacher_paths, **({"teacher_flip": True} if flip else {})}
     identity = _run_identity(cfg, run, student_kwargs, spec)
     # Recorded for evaluate (which teachers, in token order; the temperature of a mean token), not part of the identity.
     run.update(tau=cfg.distill.tau, alpha=cfg.distill.alpha,
@@ -304,8 +307,9 @@ def _trained_module(model: torch.nn.Module, world: int, device: torch.device, co
 
 
 def _targets(cfg: ExperimentConfig, manifest: dict[str, Any] | None, train, inputs: tuple, read_tau: float,
-             device: torch.device) -> tuple[LogitStore | None, list[int], list, list[str], list[str]]:
-    """Where the teachers' targets come from: (store, its teacher columns, online teachers, names, kinds)."""
+             device: torch.device) -> tuple[LogitStore | None, list[int], list, list[str], list[str], bool]:
+    """Where the teachers' targets come from: (store, its teacher columns, online teachers, names, kinds, whether the
+    teachers are flip-averaged: store.teacher_flip, which every token then learns from and is scored against)."""
     if cfg.distill.mode == "store":
         store = _open_store(cfg, manifest, train, *inputs)
         columns = _store_columns(cfg, manifest)
@@ -315,11 +319,12 @@ def _targets(cfg: ExperimentConfig, manifest: dict[str, Any] | None, train, inpu
             else:
                 _untempered_tails(cfg, store, read_tau)
         kinds = [manifest.get("teacher_kinds", [])[i] for i in columns] if manifest.get("teacher_kinds") else []
-        return store, columns, [], [manifest["teachers"][i]["name"] for i in columns], kinds
+        return store, columns, [], [manifest["teachers"][i]["name"] for i in columns], kinds, bool(manifest.get("teacher_flip"))
     if cfg.distill.mode == "online":
-        teachers = load_teachers(cfg.distill.teachers, train.classes, device)
-        return None, [], teachers, [t.meta["arch"]["name"] for t in teachers], [teacher_kind(t.model) for t in teachers]
-    return None, [], [], [], []
+        teachers = load_teachers(cfg.distill.teachers, train.classes, device, flip=cfg.store.teacher_flip)
+        return (None, [], teachers, [t.meta["arch"]["name"] for t in teachers], [teacher_kind(t.model) for t in teachers],
+                cfg.store.teacher_flip)
+    return None, [], [], [], [], False
 
 
 def _report_epoch(writer, stats: dict[str, Any], step_log: list[dict], epoch: int, steps: int) -> None:

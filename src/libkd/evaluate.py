@@ -18,7 +18,7 @@ from libkd.config import DataConfig
 from libkd.data import build_dataset
 from libkd.data.transforms import TransformedDataset, eval_transform
 from libkd.engine import autocast
-from libkd.models import build_from_checkpoint
+from libkd.models import FlipAverage, build_from_checkpoint
 from libkd.models.checkpoint import checkpoint_data
 from libkd.teachers import Teacher, check_classes, load_teachers, teacher_logits
 
@@ -159,20 +159,29 @@ def val_loader(data: DataConfig, spec: dict[str, Any], batch_size: int, seed: in
 
 
 def evaluate_checkpoint(path: str, data: DataConfig | None = None, teachers: list[str] | None = None,
-                        device: torch.device = torch.device("cpu"), batch_size: int = 256, amp: str = "none") -> dict[str, Any]:
-    """Score a student or teacher checkpoint on its validation split (``data`` overrides the recorded one)."""
+                        device: torch.device = torch.device("cpu"), batch_size: int = 256, amp: str = "none",
+                        flip: bool = False) -> dict[str, Any]:
+    """Score a student or teacher checkpoint on its validation split (``data`` overrides the recorded one); ``flip``
+    scores a teacher averaged over each image and its mirror image, as a store built with store.teacher_flip records it.
+    The teachers scored beside a student are the ones it learned from, flip-averaged if its store was."""
     model, meta = build_from_checkpoint(path, device)
+    if flip and hasattr(model, "forward_heads"):
+        raise LibkdError(f"'{path}' is a distilled student; flip averaging (--flip) scores a teacher as a flip-averaged "
+                         "store records it. Score the student without --flip")
+    if flip:
+        model = FlipAverage(model)
     data = checkpoint_data(path, meta, data)
     spec = {"input_size": meta["input_size"], "crop_pct": meta.get("crop_pct", 1.0), "mean": meta["mean"], "std": meta["std"]}
     loader, val = val_loader(data, spec, batch_size)
     check_classes(str(path), meta, val.classes)
     teachers, note = _teachers_for(path, meta, teachers)
-    loaded = load_teachers(teachers, val.classes, device) if teachers else None
+    loaded = load_teachers(teachers, val.classes, device, flip=bool((meta.get("distill") or {}).get("teacher_flip"))) \
+        if teachers else None
     if loaded:
         _check_token_order(path, meta, loaded)
     result = score(collect(model, loader, device, amp, loaded, spec), val.classes, tau=(meta.get("distill") or {}).get("tau", 1.0))
     if note:
         result["teachers_note"] = note
     result.update({"checkpoint": str(path), "model": meta["arch"]["name"], "classes": val.classes,
-                   "teacher_checkpoints": teachers or []})
+                   "teacher_checkpoints": teachers or [], **({"flip": True} if flip else {})})
     return result

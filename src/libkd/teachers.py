@@ -2,7 +2,8 @@
 
 Precompute (to fill a store), online distillation and ``store verify`` all call
 :func:`teacher_logits`, so online targets and stored targets come from the same computation:
-``eval()`` mode, ``inference_mode``, fp32, the same re-normalisation and resizing.
+``eval()`` mode, ``inference_mode``, fp32, the same re-normalisation and resizing, and, where the store
+asks for it (``store.teacher_flip``), the same flip averaging.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from libkd import LibkdError
-from libkd.models import build_from_checkpoint
+from libkd.models import FlipAverage, build_from_checkpoint
 
 
 @dataclass
@@ -51,9 +52,11 @@ def check_classes(path: str, meta: dict[str, Any], classes: list[str]) -> None:
         )
 
 
-def load_teachers(paths: list[str], classes: list[str], device: torch.device, check: bool = True) -> list[Teacher]:
+def load_teachers(paths: list[str], classes: list[str], device: torch.device, check: bool = True,
+                  flip: bool = False) -> list[Teacher]:
     """Teacher checkpoints (NAME.safetensors + NAME.json) in eval mode, checked against the classes (unless ``check``
-    is off: the caller has checked them already)."""
+    is off: the caller has checked them already); with ``flip``, each averages its logits over the view and its
+    mirror image (:class:`~libkd.models.FlipAverage`)."""
     if not paths:
         raise LibkdError("no teachers given; name the teacher checkpoints, e.g. "
                          "--set 'store.teachers=[runs/cifar10-resnet-teacher/teacher, runs/cifar10-rednet-teacher/teacher]'")
@@ -62,7 +65,7 @@ def load_teachers(paths: list[str], classes: list[str], device: torch.device, ch
         model, meta = build_from_checkpoint(path, device)
         if check:
             check_classes(str(path), meta, classes)
-        teachers.append(Teacher(model.eval(), meta, str(path)))
+        teachers.append(Teacher((FlipAverage(model) if flip else model).eval(), meta, str(path)))
     return teachers
 
 
@@ -78,21 +81,21 @@ def teacher_logits(teachers: list[Teacher], images: torch.Tensor, mean: list[flo
 
 
 def cached_val_logits(paths: list[str], loader, spec: dict[str, Any], fingerprint: str, cache: Path,
-                      device: torch.device) -> torch.Tensor:
+                      device: torch.device, flip: bool = False) -> torch.Tensor:
     """The teachers' logits (T, N, C) on a validation loader, computed once per (teachers' weights, data, input spec)
     and cached under ``cache/teacher-logits/``: a student scored every few epochs against its teachers pays for
     the teachers' forward pass on the validation split once, not at every scoring."""
     from libkd.models.checkpoint import read_meta
 
     shas = [read_meta(p)["weights_sha256"] for p in paths]
-    key = hashlib.sha256(json.dumps([shas, fingerprint, spec], sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([shas, fingerprint, spec, *(["flip"] if flip else [])], sort_keys=True).encode()).hexdigest()[:24]
     target = cache / "teacher-logits" / f"{key}.pt"
     if target.is_file():
         try:
             return torch.load(target, weights_only=True)
         except Exception:  # a torn or foreign file: recompute it
             target.unlink(missing_ok=True)
-    teachers = load_teachers(paths, [], device, check=False)
+    teachers = load_teachers(paths, [], device, check=False, flip=flip)
     outputs = []
     for images, _ in loader:
         outputs.append(torch.stack([t.cpu() for t in teacher_logits(teachers, images.to(device), spec["mean"], spec["std"],

@@ -37,9 +37,8 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
     fusion); each teacher in eager PyTorch and in onnxruntime. Every onnxruntime fp32 graph is checked against PyTorch
     as ``libkd export`` checks it, and the validation split's classes against the checkpoint's. The ensemble row takes
     each teacher at its faster runtime."""
-    from libkd.models import build_from_checkpoint, count_parameters
+    from libkd.models import FlipAverage, build_from_checkpoint, count_parameters
     from libkd.models.checkpoint import checkpoint_paths
-    from libkd.teachers import load_teachers
 
     threads, out = pin_threads(threads), Path(out)
     (out / "exports").mkdir(parents=True, exist_ok=True)
@@ -50,8 +49,7 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
     data = checkpoint_data(student, meta, data)
     batches, classes = validation_batches(data, spec, batch_size, val_images)
     check_classes(classes, spec, f"the student '{student}'")
-    teacher_paths = teachers if teachers is not None else list((meta.get("distill") or {}).get("teacher_checkpoints") or [])
-    loaded = load_teachers(teacher_paths, spec["classes"], torch.device("cpu")) if teacher_paths else []
+    teacher_paths, loaded = _teachers_of(meta, teachers, spec["classes"])
 
     rows: list[dict[str, Any]] = []
     runners: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -93,7 +91,7 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
         t_size = teacher.meta.get("input_size", size)
         path = out / "exports" / f"teacher{i}" / FP32_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        arch = teacher.meta["arch"]["name"]
+        arch = teacher.meta["arch"]["name"] + (" flip-averaged" if isinstance(teacher.model, FlipAverage) else "")
         print(f"compare: exporting teacher {i} ({arch}) -> {path}", flush=True)
         export_onnx(teacher.model, t_size, path, opset)
         session = OnnxModel(path, threads)
@@ -125,6 +123,16 @@ def compare(student: str, teachers: list[str] | None = None, out: str | Path = "
     (out / "compare.md").write_text(compare_markdown(record))
     compare_plot(rows, out / "compare.png")
     return out / "compare.md"
+
+
+def _teachers_of(meta: dict[str, Any], given: list[str] | None, classes: list[str]) -> tuple[list[str], list]:
+    """The teachers a student is compared with (those given, else those it learned from), run as it learned from them:
+    flip-averaged where its store was."""
+    from libkd.teachers import load_teachers
+
+    distill = meta.get("distill") or {}
+    paths = given if given is not None else list(distill.get("teacher_checkpoints") or [])
+    return paths, load_teachers(paths, classes, torch.device("cpu"), flip=bool(distill.get("teacher_flip"))) if paths else []
 
 
 def _check_variants(fp32: tuple[str, ...], int8: tuple[str, ...]) -> None:

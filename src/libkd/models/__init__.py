@@ -7,13 +7,14 @@ from libkd.models.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from libkd.models.factory import ModelError, count_parameters, create_model, teacher_kind
+from libkd.models.factory import FlipAverage, ModelError, count_parameters, create_model, teacher_kind
 from libkd.models.involution import Involution, involution, involution_unfold_reference
 from libkd.models.rednet import RedNet
 from libkd.models.vit import MultiTokenViT
 
 __all__ = [
     "CheckpointError",
+    "FlipAverage",
     "Involution",
     "ModelError",
     "MultiTokenViT",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 import timm
+import torch
 from torch import nn
 
 from libkd import LibkdError
@@ -55,6 +56,21 @@ def _adapt_stem_to_cifar(model: nn.Module, name: str) -> None:
                     model.maxpool = nn.Identity()
                 return
     raise ModelError(f"cifar_stem: '{name}' has no Conv2d stem to adapt")
+
+
+class FlipAverage(nn.Module):
+    """A classifier's logits averaged over each image and its mirror image (test-time flip averaging).
+
+    Wrapped around a teacher it is the function a flip-averaged store records, its probe recomputes and online
+    distillation runs, so all of them agree; its state dict is the wrapped model's, under ``model.``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.model(images) + self.model(images.flip(-1)))
 
 
 def teacher_kind(model: nn.Module) -> str:

@@ -33,7 +33,8 @@ FORMAT = "libkd-store/1"
 # Manifest fields that must match between a store and the run that uses (or resumes) it.
 IDENTITY_FIELDS = ("dataset", "teachers", "augmentation", "image_size", "crop_pct", "mean", "std", "views", "encoding", "topk",
                    "shard_size", "replay_probe")
-OPTIONAL_IDENTITY_FIELDS = ("topk_taus",)  # compared too, absent (None) in stores of older libkd versions
+# Compared too; absent (None) in stores of older libkd versions, and teacher_flip in every store built without it.
+OPTIONAL_IDENTITY_FIELDS = ("topk_taus", "teacher_flip")
 
 
 class StoreError(LibkdError):
@@ -75,6 +76,7 @@ def store_identity(cfg: ExperimentConfig, dataset: ImageDataset, teachers: list[
         "views": cfg.store.views, "encoding": cfg.store.encoding,
         "topk": cfg.store.topk if cfg.store.encoding == "topk" else None,
         "topk_taus": topk_taus(cfg.store),
+        **({"teacher_flip": True} if cfg.store.teacher_flip else {}),
         "shard_size": cfg.store.shard_size,
         "replay_probe": replay_probe(augment, cfg.store.views),
         "versions": library_versions(),

@@ -62,7 +62,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     if not cfg.store.teachers:
         raise LibkdError("store.teachers is empty; name the teacher checkpoints, e.g. "
                          "--set 'store.teachers=[runs/cifar10-resnet-teacher/teacher, runs/cifar10-rednet-teacher/teacher]'")
-    teachers = load_teachers(cfg.store.teachers, dataset.classes, device)
+    teachers = load_teachers(cfg.store.teachers, dataset.classes, device, flip=cfg.store.teacher_flip)
     size, mean, std = view_spec(cfg.data, dataset)
     identity = store_identity(cfg, dataset, teachers, size, mean, std)
     num_shards = math.ceil(len(dataset) / cfg.store.shard_size)
@@ -280,7 +280,7 @@ def verify_store(root: str | Path, samples: int, device: str = "cpu", seed: int 
     if dataset.fingerprint != m["dataset"]["fingerprint"]:
         raise StoreError(f"the data set at {data_cfg.root or data_cfg.source} changed since the store was built (fingerprint differs)")
     torch_device = resolve_device(device)
-    teachers = load_teachers(m["teacher_checkpoints"], m["dataset_classes"], torch_device)
+    teachers = load_teachers(m["teacher_checkpoints"], m["dataset_classes"], torch_device, flip=bool(m.get("teacher_flip")))
     for t, teacher in enumerate(teachers):
         if teacher.meta["weights_sha256"] != m["teachers"][t]["weights_sha256"]:
             raise StoreError(f"teacher checkpoint '{teacher.path}' changed since the store was built (weights sha256 differs)")
