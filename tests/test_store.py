@@ -637,12 +637,30 @@ def test_a_store_grows_to_more_views_computing_only_the_new_ones_with_the_bytes_
         {k: v for k, v in fresh.items() if k.endswith(".npy")}
 
 
+def test_a_store_of_fewer_views_is_copied_from_a_larger_one_without_running_a_teacher(tmp_path, teachers, monkeypatch):
+    """store.grow_from may name a store of more views: its first V views are the records, byte for byte those of a
+    store built with V views (view v of sample i is seeded by (seed, i, v)), and no teacher runs."""
+    precompute(config(tmp_path, teachers, "store.views=5", name="large"))
+    precompute(config(tmp_path, teachers, "store.views=2", name="fresh"))
+    seen = count_teacher_images(monkeypatch)
+    precompute(config(tmp_path, teachers, "store.views=2", f"store.grow_from={tmp_path / 'large'}", name="copied"))
+    assert seen == []
+    copied, fresh = store_bytes(tmp_path / "copied"), store_bytes(tmp_path / "fresh")
+    assert {k: v for k, v in copied.items() if k.endswith(".npy")} == {k: v for k, v in fresh.items() if k.endswith(".npy")}
+    manifest = json.loads((tmp_path / "copied" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["views"] == 2
+    assert manifest["grown_from"] == {"path": str(tmp_path / "large"), "views": 5}
+    assert manifest["replay_probe"] == json.loads((tmp_path / "fresh" / "manifest.json").read_text())["replay_probe"]
+    assert verify_store(tmp_path / "copied", samples=8)["max_abs_diff"] < 1e-2
+    assert LogitStore(tmp_path / "copied").views == 2
+
+
 def test_growing_from_a_store_of_another_recipe_or_as_many_views_is_refused_by_name(tmp_path, teachers):
     precompute(config(tmp_path, teachers, "store.views=2", name="small"))
     with pytest.raises(StoreError, match=r"augmentation sha256"):
         precompute(config(tmp_path, teachers, "store.views=4", "replay.hflip=0.0", f"store.grow_from={tmp_path / 'small'}",
                           name="other"))
-    with pytest.raises(StoreError, match=r"already has 2 views"):
+    with pytest.raises(StoreError, match=r"already has the 2 views"):
         precompute(config(tmp_path, teachers, "store.views=2", f"store.grow_from={tmp_path / 'small'}", name="same"))
     with pytest.raises(StoreError, match=r"no store at"):
         precompute(config(tmp_path, teachers, "store.views=4", f"store.grow_from={tmp_path / 'missing'}", name="none"))

@@ -487,6 +487,29 @@ def test_the_committed_studys_store_folders_keep_their_names():
     assert study.store_path(base, 0, False, build=False) == recorded
 
 
+def test_a_run_of_fewer_views_copies_its_store_from_a_larger_one_of_the_study(finished_study, monkeypatch, capsys):
+    """A run asking for fewer views than a store the study has built (the first epochs of a longer schedule, say) gets
+    its own store, copied from that one's first views: no teacher runs, and the run's store path is its own."""
+    import libkd.store.precompute as precompute_module
+
+    tmp_path, config = finished_study
+    study = Study(load_study(config))
+    run = load_config(tmp_path / "study" / "runs" / "both-s0" / "config.yaml")  # its store: 2 views
+    computed: list[int] = []  # the views each build gives its teachers (verification renders its own samples)
+    loader = precompute_module.replay_loader
+    monkeypatch.setattr(precompute_module, "replay_loader", lambda a, pairs, *rest, **kw: computed.append(len(pairs))
+                        or loader(a, pairs, *rest, **kw))
+    path = Path(study.store_path(study.base, 0, False, views=1))
+    try:
+        assert computed == [0] and path != Path(run.distill.store) and path.parent == Path(run.distill.store).parent
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["views"] == 1
+        assert manifest["grown_from"]["views"] >= 2 and "views copied from" in capsys.readouterr().out
+        assert path == Path(study.store_path(study.base, 0, False, build=False, views=1))  # a 1-view store's folder
+    finally:
+        shutil.rmtree(path)  # the module's other tests see the study as it finished
+
+
 def test_an_extending_study_searches_its_own_run_and_grows_a_store_of_more_views(finished_study, tmp_path, capsys):
     """Function matching as a run's own settings (set:), its tau searched on the held-out split by the extending study's
     own run-scoped stage, from a store of 3 views grown from the parent's 2-view store (its views copied)."""

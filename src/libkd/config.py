@@ -216,9 +216,10 @@ class StoreConfig(Section):
     # teachers run twice per view at build time only, and every epoch that reads the store learns from the
     # averaged teachers for free. Online distillation runs its teachers the same way when this is set.
     teacher_flip: bool = False
-    # A complete store of the same data, teachers, recipe, seed and encoding with fewer views: its records are
-    # copied as views 0..V_old-1 (view v of sample i is seeded by (seed, i, v), so they are the same records) and
-    # only the new views are computed. The result has the bytes of a store built with all the views at once.
+    # A complete store of the same data, teachers, recipe, seed and encoding with another number of views: its
+    # records are copied as views 0..min(V_old, V)-1 (view v of sample i is seeded by (seed, i, v), so they are the
+    # same records) and only the views it lacks are computed (none when it holds more). The result has the bytes of
+    # a store built with its V views at once.
     grow_from: str | None = None
     # Hold only views first_view..views-1: for a run going on from a parked epoch of a one-view-per-epoch schedule,
     # which reads no earlier view (epoch e reads view e mod V). Those records have the bytes of the full store's;

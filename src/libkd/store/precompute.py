@@ -101,18 +101,22 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     mine = [s for s in range(rank, num_shards, world) if not done_file(root, s).is_file()]
     shard_size, views, held_from = cfg.store.shard_size, cfg.store.views, cfg.store.first_view
     bounds = {s: (s * shard_size, min(len(dataset), (s + 1) * shard_size)) for s in mine}
-    first_new = source.views if source is not None else held_from  # a grown store computes only the views its source lacks
+    # A store made from a source computes only the views its source lacks (none when the source holds more).
+    first_new = min(source.views, views) if source is not None else held_from
     # One loader over every (index, view) pair of this rank's shards, shard by shard, so the
     # pipeline never drains at a shard or view boundary; a shard is written once all its records are in.
     pairs = [(i, v) for s in mine for v in range(first_new, views) for i in range(*bounds[s])]
     done_before = len(range(rank, num_shards, world)) - len(mine)
     if rank == 0 and done_before:
         print(f"resuming '{root}': {done_before} shard(s) already complete")
+    completed = done_before
+    if source is not None and first_new == views:  # the source holds every view: its first ones are copied, none computed
+        completed += _copy_shards(root, source, {s: bounds[s] for s in mine}, views, len(teachers), done_before, num_shards)
     bar = progress_bar(total=len(pairs), desc=f"precompute[{rank}]" if world > 1 else "precompute", unit="img")
     loader = replay_loader(augment, pairs, cfg.store.batch_size, device, cfg.store.workers, worker_init_fn=worker_init)
     pending: dict[int, list[np.ndarray]] = {}
     filled: dict[int, int] = {}
-    start_time, images_done, completed = time.perf_counter(), 0, done_before
+    start_time, images_done = time.perf_counter(), 0
     last_line = start_time
     for images, _, _, _, indices, batch_views in loader:
         images = images.to(device, non_blocking=True)
@@ -125,7 +129,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
                 pending[int(shard)] = [np.empty((views - held_from, stop - start), dtype=dtype) for _ in teachers]
                 if source is not None:  # only ever a store of every view into one of every view
                     for t, array in enumerate(pending[int(shard)]):
-                        array[:first_new] = source.records_of_shard(int(shard), t)
+                        array[:first_new] = source.records_of_shard(int(shard), t)[:first_new]
                     filled[int(shard)] = first_new * (stop - start)
             arrays = pending[int(shard)]
             for t, array in enumerate(arrays):
@@ -190,7 +194,8 @@ class FixedBatch(torch.nn.Module):
 
 
 def _growth_source(cfg: ExperimentConfig, identity: dict[str, Any], augment: ReplayAugment) -> LogitStore | None:
-    """The complete smaller store named by ``store.grow_from``, checked to hold this very store's first views."""
+    """The complete store named by ``store.grow_from`` (fewer views or more), checked to hold this very store's first
+    views."""
     if not cfg.store.grow_from:
         return None
     if cfg.store.first_view:
@@ -201,17 +206,26 @@ def _growth_source(cfg: ExperimentConfig, identity: dict[str, Any], augment: Rep
         raise StoreError(f"store.grow_from '{source.root}' holds views {source.first_view}..{source.views - 1} only; "
                          "grow a store that holds every view, or leave store.grow_from unset")
     old = source.views
-    if old >= cfg.store.views:
-        raise StoreError(f"store.grow_from '{source.root}' already has {old} views and this store asks for {cfg.store.views}; "
-                         "growing needs more views than the source (use the source itself, or raise store.views)")
+    if old == cfg.store.views:
+        raise StoreError(f"store.grow_from '{source.root}' already has the {old} views this store asks for; "
+                         "use that store itself (store.path), or ask for another number of views")
     # Everything but the view count must be the same; the probe is recomputed over the source's views here.
     expected = {**identity, "views": old, "replay_probe": replay_probe(augment, old)}
     problems = identity_differences(source.manifest, expected)
     if problems:
-        raise StoreError(f"store.grow_from '{source.root}' is not the same store with fewer views: " + "; ".join(problems)
+        raise StoreError(f"store.grow_from '{source.root}' is not the same store with another number of views: " + "; ".join(problems)
                          + ". Grow only a store of the same data, teachers, recipe, seed, encoding and shard size, "
                            "or leave store.grow_from unset to build from scratch")
     return source
+
+
+def _copy_shards(root: Path, source: LogitStore, bounds: dict[int, tuple[int, int]], views: int, num_teachers: int,
+                 completed: int, num_shards: int) -> int:
+    """Write each shard in ``bounds`` as the first ``views`` views of the same shard of ``source``; returns how many."""
+    for n, (shard, (start, stop)) in enumerate(bounds.items()):
+        _write_shard(root, shard, start, stop, [source.records_of_shard(shard, t)[:views] for t in range(num_teachers)],
+                     completed + n, num_shards)
+    return len(bounds)
 
 
 def _write_shard(root: Path, shard: int, start: int, stop: int, arrays: list[np.ndarray], completed: int, num_shards: int) -> None:

@@ -67,8 +67,9 @@ class RunSpec(Section):
     # A new augmented view every epoch (V = epochs) instead of the store's V views: for online teachers, this
     # measures what the store's fixed views cost against what online distillation can do.
     fresh_views: bool = False
-    # The store's number of views for this run (default: the study's store.views). A store with more views is its
-    # own store, grown from the largest smaller one of the same seed and recipe (its views are not recomputed).
+    # The store's number of views for this run (default: the study's store.views). A store with other views is its
+    # own store, copied from the first views of a larger one of the same seed and recipe when one is built, else
+    # grown from the largest smaller one (no view is computed twice).
     views: int | None = Field(None, ge=1)
     # Settings of this run on top of the study's and the search's (e.g. function matching: distill.alpha: 1.0); a
     # search of this run's own (scope: run) is applied after them, as its trials apply their grid last.

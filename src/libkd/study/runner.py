@@ -177,7 +177,8 @@ class Study:
     def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores", build: bool = True,
                    views: int | None = None, first_view: int = 0) -> str:
         """Where the store for these data, recipe, seed and views lives (built and verified on first use when ``build``;
-        a store of more views than the study's is grown from the largest smaller one already built). A run going on
+        a store of more views than the study's is grown from the largest smaller one already built, one of fewer
+        views is copied from the first views of a larger one). A run going on
         from a later epoch needs views from ``first_view`` only: a store missing there holds just those."""
         from libkd.store.precompute import precompute, verify_store
 
@@ -209,8 +210,12 @@ class Study:
             elif held_from is not None:
                 first_view = held_from  # every view the run reads is there: finish or reuse it as it was begun
             store.first_view = first_view
-            store.grow_from = _smaller_store(path, base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
-        grown = f", grown from {Path(store.grow_from).name}" if store.grow_from else ""
+            store.grow_from = _source_store(path, base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
+        grown = ""
+        if store.grow_from:
+            source_views = load_config(Path(store.grow_from) / "config.yaml").store.views
+            grown = (f", grown from {Path(store.grow_from).name}" if source_views < store.views else
+                     f", its views copied from {Path(store.grow_from).name} ({source_views} views; no teacher runs)")
         window = f" (views {store.first_view}..{store.views - 1} only: its run goes on from there)" if store.first_view else ""
         study_log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'}{window}{grown} -> {path}")
         with self.timed(f"store {where}/{path.name}"):
@@ -386,13 +391,15 @@ class Study:
         return study_md
 
 
-def _smaller_store(path: Path, cfg: ExperimentConfig) -> str | None:
-    """The complete store beside ``path`` built from the same data, recipe, seed and store settings with the most
-    views below ``cfg.store.views``: a larger store grows from it instead of recomputing its views."""
+def _source_store(path: Path, cfg: ExperimentConfig) -> str | None:
+    """The complete store beside ``path`` built from the same data, recipe, seed and store settings that saves the
+    most teacher work: the smallest with more views than ``cfg.store.views`` (its first views are copied, nothing is
+    computed), else the one with the most views below it (a larger store grows from it)."""
     if (path / "manifest.json").is_file() or cfg.store.first_view:
         return None  # started already (precompute resumes it as it was begun), or it holds none of the first views
     same = {"exclude": {"path", "views", "teachers", *HOW_BUILT}}
-    best, best_views = None, 0
+    smaller: tuple[int, str | None] = (0, None)
+    larger: tuple[float, str | None] = (float("inf"), None)
     for sibling in sorted(path.parent.glob("*/config.yaml")):
         manifest = sibling.parent / "manifest.json"
         if sibling.parent == path or not manifest.is_file() or not json.loads(manifest.read_text()).get("complete") \
@@ -402,9 +409,11 @@ def _smaller_store(path: Path, cfg: ExperimentConfig) -> str | None:
         if (other.seed, other.data, other.replay) != (cfg.seed, cfg.data, cfg.replay) or \
                 other.store.model_dump(**same) != cfg.store.model_dump(**same) or other.store.teachers != cfg.store.teachers:
             continue
-        if best_views < other.store.views < cfg.store.views:
-            best, best_views = str(sibling.parent), other.store.views
-    return best
+        if smaller[0] < other.store.views < cfg.store.views:
+            smaller = (other.store.views, str(sibling.parent))
+        elif cfg.store.views < other.store.views < larger[0]:
+            larger = (other.store.views, str(sibling.parent))
+    return larger[1] or smaller[1]
 
 
 # The data keys that decide which images a run trains and is scored on.
