@@ -210,10 +210,10 @@ class Study:
             elif held_from is not None:
                 first_view = held_from  # every view the run reads is there: finish or reuse it as it was begun
             store.first_view = first_view
-            store.grow_from = _source_store(path, base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
+            store.grow_from, source_views = _source_store(
+                path, base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
         grown = ""
         if store.grow_from:
-            source_views = load_config(Path(store.grow_from) / "config.yaml").store.views
             grown = (f", grown from {Path(store.grow_from).name}" if source_views < store.views else
                      f", its views copied from {Path(store.grow_from).name} ({source_views} views; no teacher runs)")
         window = f" (views {store.first_view}..{store.views - 1} only: its run goes on from there)" if store.first_view else ""
@@ -391,12 +391,12 @@ class Study:
         return study_md
 
 
-def _source_store(path: Path, cfg: ExperimentConfig) -> str | None:
+def _source_store(path: Path, cfg: ExperimentConfig) -> tuple[str | None, int]:
     """The complete store beside ``path`` built from the same data, recipe, seed and store settings that saves the
-    most teacher work: the smallest with more views than ``cfg.store.views`` (its first views are copied, nothing is
-    computed), else the one with the most views below it (a larger store grows from it)."""
+    most teacher work, and its views: the smallest with more views than ``cfg.store.views`` (its first views are
+    copied, nothing is computed), else the one with the most views below it (a larger store grows from it)."""
     if (path / "manifest.json").is_file() or cfg.store.first_view:
-        return None  # started already (precompute resumes it as it was begun), or it holds none of the first views
+        return None, 0  # started already (precompute resumes it as it was begun), or it holds none of the first views
     same = {"exclude": {"path", "views", "teachers", *HOW_BUILT}}
     smaller: tuple[int, str | None] = (0, None)
     larger: tuple[float, str | None] = (float("inf"), None)
@@ -413,7 +413,7 @@ def _source_store(path: Path, cfg: ExperimentConfig) -> str | None:
             smaller = (other.store.views, str(sibling.parent))
         elif cfg.store.views < other.store.views < larger[0]:
             larger = (other.store.views, str(sibling.parent))
-    return larger[1] or smaller[1]
+    return (larger[1], int(larger[0])) if larger[1] else (smaller[1], smaller[0])
 
 
 # The data keys that decide which images a run trains and is scored on.
