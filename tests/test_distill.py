@@ -22,6 +22,7 @@ from libkd.config import load_config
 from libkd.distill import distill
 from libkd.models import create_model, save_checkpoint
 from libkd.report import line_styles, plot, teacher_label
+from libkd.store import ViewsNotHeld
 from libkd.store.precompute import precompute
 
 DATA = ["data.source=synthetic", "data.synthetic.per_class=12", "data.synthetic.image_size=16"]
@@ -569,6 +570,30 @@ def test_a_mean_tokens_hard_targets_are_read_at_tau_and_untempered_tails_are_ref
     assert distill(run_config(tmp_path / "bare-allowed", *soft, "distill.allow_untempered_tails=true"))["train_loss"] > 0
     note = capsys.readouterr().err
     assert "T=1 tail mass is" in note and re.search(r"overstates the tail's tempered mass by up to 1\.41x", note)
+
+
+def test_a_run_on_a_window_of_views_stops_where_it_ends_and_goes_on_to_the_full_stores_weights(tmp_path, teachers):
+    """A store of views 0..1 of 3 (store.stop_view=2) trains two epochs and stops before the third, saved
+    (ViewsNotHeld, naming the view and the fix); rerun on it, the run is refused before training; once the store at
+    that path holds view 2 the same command goes on, to the bytes of a run on a store of every view."""
+    store = ["store.views=3", "store.shard_size=16", f"store.teachers=[{', '.join(teachers)}]"]
+    precompute(load_config(None, DATA + store + [f"store.path={tmp_path / 'full'}"]))
+    precompute(load_config(None, DATA + store + [f"store.path={tmp_path / 'window'}", "store.stop_view=2"]))
+    run = ["train.epochs=3", "store.views=3", "distill.mode=store"]
+    distill(run_config(tmp_path / "ref", f"distill.store={tmp_path / 'full'}", *run))
+    windowed = run_config(tmp_path / "run", f"distill.store={tmp_path / 'window'}", *run)
+    with pytest.raises(ViewsNotHeld, match=r"holds views 0\.\.1 only and epoch 3 reads view 2: the run is saved at "
+                                           r"epoch 2; build the store's next views \(store.first_view=2") as stop:
+        distill(windowed)
+    assert (stop.value.epoch, stop.value.view) == (2, 2)
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(LibkdError, match=r"holds views 0\.\.1 only \(store.first_view=0, store.stop_view=2\) and this run, "
+                                         r"from epoch 2, reads view 2: build its store with store.stop_view above 2"):
+        distill(windowed)
+    shutil.rmtree(tmp_path / "window")
+    precompute(load_config(None, DATA + store + [f"store.path={tmp_path / 'window'}", "store.first_view=2"]))
+    assert distill(windowed)["epoch"] == 3
+    assert (tmp_path / "ref" / "student.safetensors").read_bytes() == (tmp_path / "run" / "student.safetensors").read_bytes()
 
 
 def test_a_run_that_would_read_views_a_store_does_not_hold_is_refused_before_training(tmp_path, teachers):

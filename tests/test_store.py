@@ -695,6 +695,43 @@ def test_a_store_of_the_last_views_holds_the_full_stores_records_for_them_and_re
         config(tmp_path, teachers, "store.views=5", "store.first_view=5")
 
 
+def test_a_store_of_a_window_of_views_holds_the_full_stores_records_for_them_and_refuses_the_others(
+        tmp_path, teachers, monkeypatch, capsys):
+    """store.first_view=k with store.stop_view=s computes views k..s-1 only, each record the full store's bytes (the
+    manifest and probe describe all V views); a read, a build of another window or a growth outside it is refused by
+    name, and the window must hold a view."""
+    precompute(config(tmp_path, teachers, "store.views=5", name="full"))
+    seen = count_teacher_images(monkeypatch)
+    precompute(config(tmp_path, teachers, "store.views=5", "store.first_view=1", "store.stop_view=3", name="window"))
+    assert sum(seen) == 48 * 2  # 48 samples x views 1 and 2
+    full, window = LogitStore(tmp_path / "full"), LogitStore(tmp_path / "window")
+    for view in (1, 2, 6):  # 6 mod 5 = 1
+        for t in range(2):
+            assert window.records(np.arange(48), view, t).tobytes() == full.records(np.arange(48), view, t).tobytes()
+    manifest = json.loads((tmp_path / "window" / "manifest.json").read_text())
+    assert (manifest["first_view"], manifest["stop_view"], manifest["views"]) == (1, 3, 5)
+    assert [window.holds(v) for v in range(5)] == [False, True, True, False, False]
+    with pytest.raises(StoreError, match=r"holds views 1\.\.2 only \(store.first_view=1, store.stop_view=3, .*not view 3; "
+                                         r"build it with store.stop_view above 3"):
+        window.records(np.arange(4), 3, 0)
+    with pytest.raises(StoreError, match=r"not view 0; build it with store.first_view=0"):
+        window.records(np.arange(4), 0, 0)
+    assert verify_store(tmp_path / "window", samples=8)["max_abs_diff"] < 1e-2  # samples only the views it holds
+    assert main(["store", "info", str(tmp_path / "window")]) == 0
+    assert "5 per sample (holds views 1..2 only)" in capsys.readouterr().out
+    with pytest.raises(StoreError, match=r"holds a store of views 1\.\.2 and this build asks for views 1\.\.3 .*set "
+                                         r"store.first_view=1 and store.stop_view=3 to finish it"):
+        precompute(config(tmp_path, teachers, "store.views=5", "store.first_view=1", "store.stop_view=4", name="window"))
+    with pytest.raises(StoreError, match=r"holds views 1\.\.2 only; grow a store that holds every view"):
+        precompute(config(tmp_path, teachers, "store.views=6", f"store.grow_from={tmp_path / 'window'}", name="grown"))
+    with pytest.raises(StoreError, match=r"with a window of views"):
+        precompute(config(tmp_path, teachers, "store.views=6", "store.stop_view=2", f"store.grow_from={tmp_path / 'full'}",
+                          name="grown"))
+    for bad in ("store.stop_view=1", "store.stop_view=6"):  # at or below first_view 1; beyond the 5 views
+        with pytest.raises(LibkdError, match=r"store.stop_view=\d must be above store.first_view=1 and at most the 5 views"):
+            config(tmp_path, teachers, "store.views=5", "store.first_view=1", bad)
+
+
 def test_a_store_built_with_compiled_teachers_agrees_with_the_eager_build_within_fp16_rounding(tmp_path, teachers):
     """store.compile runs the teachers through torch.compile, one shape (the short last batch is padded)."""
     precompute(config(tmp_path, teachers[:1], name="eager"))

@@ -717,11 +717,35 @@ def test_a_parked_run_goes_on_from_its_saved_epoch_on_a_fresh_machine(tmp_path, 
     assert 0 < gap < 0.01  # one epoch on from bf16-rounded weights: near the uninterrupted run, not equal
     shutil.rmtree(tmp_path / "a" / "results" / "runs"), shutil.rmtree(tmp_path / "a" / "study" / "runs")
     assert main(["study", str(config)]) == 0  # the run from the start: the store of views 2.. is rebuilt whole
-    assert "holds views 2..2 only and this run reads view 0: rebuilding it" in capsys.readouterr().out
+    assert "holds views 2..2 only and this run reads views 0..2: rebuilding it" in capsys.readouterr().out
     assert json.loads((store / "manifest.json").read_text())["first_view"] == 0
     assert same[0].read_bytes() == same[1].read_bytes()
     assert main(["study", str(config), "--park"]) == 0
     assert "nothing to park" in capsys.readouterr().out
+
+
+def test_views_ahead_builds_a_runs_store_a_window_at_a_time_and_ends_where_a_whole_store_does(tmp_path, capsys):
+    """--views-ahead 2: a 3-epoch run of a new view every epoch builds views 0..1 only, trains two epochs, rebuilds
+    its store with view 2 and trains the last, to the bytes of the run whose store held every view first."""
+    runs = [{"name": "both", "mode": "store", "teachers": ["conv", "inv"], "views": 3}]
+    train = {"epochs": 3, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 0,
+             "tensorboard": False, "eval_every": 1}
+    changes = {"seeds": [0], "runs": runs, "base": _toy_base(tmp_path, train)}
+    (tmp_path / "ref").mkdir(), (tmp_path / "a").mkdir()
+    assert main(["study", str(study_yaml(tmp_path / "ref", **changes))]) == 0
+    config = study_yaml(tmp_path / "a", **changes)
+    capsys.readouterr()
+    assert main(["study", str(config), "--views-ahead", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0, 3 views (views 0..1 only: the next its run trains on, --views-ahead)" in out
+    assert "both-s0: saved at epoch 2, where its store's views end: building the next ones" in out
+    assert "holds views 0..1 only and this run reads views 2..2: rebuilding it" in out
+    assert "seed 0, 3 views (views 2..2 only: its run goes on from there)" in out
+    assert "epoch 1/3" not in out.split("building the next ones")[1]  # it went on, not over
+    same = [tmp_path / d / "study" / "runs" / "both-s0" / "student.safetensors" for d in ("ref", "a")]
+    assert same[0].read_bytes() == same[1].read_bytes()
+    assert main(["study", str(config), "--views-ahead", "0"]) == 2
+    assert "--views-ahead 0: give a number of views, 1 or more" in capsys.readouterr().err
 
 
 def test_park_after_during_teacher_training_says_nothing_was_parked(tmp_path, monkeypatch, capsys):

@@ -229,7 +229,11 @@ def report_cmd(args: argparse.Namespace) -> int:
                arg("--park-after", type=duration, metavar="DURATION",
                    help="train for at most this wall time (e.g. 2h30m, 150m, 9000), then stop and --park what is "
                    "unfinished, exiting with status 75 (a lease or job slot that ends: leave it time to commit); "
-                   "the epoch under way is lost, every saved one kept")],
+                   "the epoch under way is lost, every saved one kept"),
+               arg("--views-ahead", type=int, metavar="N",
+                   help="build each run's store N views at a time as the run reaches them (a window of the views it "
+                   "trains on next), instead of every view before it starts: with --park-after, a machine computes "
+                   "no teacher view it will not train on (at most N); part of no store's or run's identity")],
     uses_config=False,
 )
 def study_cmd(args: argparse.Namespace) -> int:
@@ -242,11 +246,11 @@ def study_cmd(args: argparse.Namespace) -> int:
         print(f"parked: {parked()} run(s)")
         return 0
     if args.park_after is None:
-        print(f"report: {run_study(args.config, args.overrides, args.runs, args.workers)}")
+        print(f"report: {run_study(args.config, args.overrides, args.runs, args.workers, args.views_ahead)}")
         return 0
     try:
         with ParkDeadline(args.park_after):
-            report = run_study(args.config, args.overrides, args.runs, args.workers)
+            report = run_study(args.config, args.overrides, args.runs, args.workers, args.views_ahead)
     except DeadlineReached:  # a Ctrl-C of the user's is still an interrupt
         count = parked()
         if count:
@@ -296,7 +300,8 @@ def store_info(args: argparse.Namespace) -> int:
     for t, teacher in enumerate(manifest["teachers"]):
         kind = manifest.get("teacher_kinds", ["?"] * (t + 1))[t]
         print(f"teacher {t}    {teacher['name']} ({kind}), weights {teacher['weights_sha256'][:16]}")
-    window = f" (holds views {manifest['first_view']}..{manifest['views'] - 1} only)" if manifest.get("first_view") else ""
+    held_from, held_to = manifest.get("first_view", 0), manifest.get("stop_view") or manifest["views"]
+    window = f" (holds views {held_from}..{held_to - 1} only)" if (held_from, held_to) != (0, manifest["views"]) else ""
     print(f"views        {manifest['views']} per sample{window}, {manifest['image_size']} px, augmentation {manifest['augmentation']['sha256'][:16]}")
     enc = manifest["encoding"] + (f" k={manifest['topk']}" if manifest.get("topk") else "") + (
         f", tails at T = {', '.join(format(t, 'g') for t in manifest['topk_taus'])}" if manifest.get("topk_taus") else "")

@@ -225,20 +225,35 @@ class StoreConfig(Section):
     # which reads no earlier view (epoch e reads view e mod V). Those records have the bytes of the full store's;
     # the manifest and the replay probe still describe all V views, so the run's identity is the full store's.
     first_view: int = Field(0, ge=0)
+    # And hold views only up to stop_view-1 (None: through views-1): a window of the views a run reads next, built as
+    # the run reaches them (`libkd study --views-ahead`), so a machine that trains part of a run computes no view it
+    # will not train on. A run stops at the first epoch whose view its store does not hold, its state saved.
+    stop_view: int | None = Field(None, ge=1)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
-        # Left out when off (what every store was before the key existed): the studies' store folders keep their names.
+        # Left out when off (what every store was before the keys existed): the studies' store folders keep their names.
         dumped = handler(self)
         if dumped.get("teacher_flip") is False:
             dumped.pop("teacher_flip")
+        if "stop_view" in dumped and dumped["stop_view"] is None:
+            dumped.pop("stop_view")
         return dumped
 
     @model_validator(mode="after")
     def _window(self) -> "StoreConfig":
-        if self.views is not None and self.first_view >= self.views:
-            raise ValueError(f"store.first_view={self.first_view} leaves no view of the {self.views} (views 0..{self.views - 1})")
+        if self.views is not None:
+            check_view_window(self.first_view, self.stop_view, self.views, "")
         return self
+
+
+def check_view_window(first_view: int, stop_view: int | None, views: int, why: str) -> None:
+    """A store's window of views, first_view..stop_view-1, must hold at least one of its ``views``."""
+    if first_view >= views:
+        raise ValueError(f"store.first_view={first_view} leaves no view of the {views}{why} (views 0..{views - 1})")
+    if stop_view is not None and not first_view < stop_view <= views:
+        raise ValueError(f"store.stop_view={stop_view} must be above store.first_view={first_view} and at most the "
+                         f"{views} views{why}")
 
 
 class ModelConfig(Section):
@@ -332,9 +347,8 @@ class ExperimentConfig(Section):
             store = self.store.model_copy(update={"views": self.train.epochs})
             store.__pydantic_fields_set__.discard("views")
             object.__setattr__(self, "store", store)
-            if self.store.first_view >= self.store.views:
-                raise ValueError(f"store.first_view={self.store.first_view} leaves no view of the {self.store.views} "
-                                 f"(one per epoch, train.epochs={self.train.epochs})")
+            check_view_window(self.store.first_view, self.store.stop_view, self.store.views,
+                              f" (one per epoch, train.epochs={self.train.epochs})")
         return self
 
 

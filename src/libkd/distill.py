@@ -36,7 +36,7 @@ from libkd.losses import DistillationLoss
 from libkd.models import count_parameters, create_model, read_meta, save_checkpoint, teacher_kind
 from libkd.store import LogitStore, read_manifest
 from libkd.store.codec import tail_column
-from libkd.store.format import store_identity, view_spec
+from libkd.store.format import ViewsNotHeld, check_views_held, store_identity, view_spec
 from libkd.teachers import cached_val_logits, check_classes, load_teachers, teacher_logits
 
 STATE_FILE = "last_state.pt"
@@ -130,7 +130,6 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     store, columns, teachers, teacher_names, kinds, flip = _targets(cfg, manifest, train, (size, mean, std), read_tau, device)
     num_teachers = len(teacher_names)
     tokens = _tokens(cfg, num_teachers)
-
     model, arch = _student(cfg, train.num_classes, size, tokens, kinds if tokens == num_teachers else kinds[:1], device)
     student_kwargs = arch["kwargs"]
     loader = _train_loader(cfg, train, (size, mean, std), views, rank, world, device,
@@ -166,7 +165,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     start_epoch, history = resume(out / STATE_FILE, identity, cfg.train.resume, device, model, optimizer, scheduler, scaler,
                                   extra={"ema": ema.module} if ema else None,
                                   defaults={"train": TrainConfig.field_defaults(), "distill": DistillConfig.field_defaults()})
-    _check_views_held(store, views, start_epoch, cfg.train.epochs)
+    check_views_held(store, start_epoch, cfg.train.epochs)
     if start_epoch:
         log(f"'{out}' is already complete ({start_epoch} epochs): reusing it" if start_epoch >= cfg.train.epochs else
             f"resuming {out} from epoch {start_epoch}/{cfg.train.epochs}")
@@ -185,6 +184,7 @@ def distill(cfg: ExperimentConfig) -> dict[str, Any]:
     step = _step_fn(loss_fn, device, store is not None, teachers, (mean, std, size))
     writer = _writer(out) if cfg.train.tensorboard and rank == 0 else None
     for epoch in range(start_epoch, cfg.train.epochs):
+        _stop_at_window_end(store, epoch, writer)
         seed_everything(cfg.seed * 1000 + epoch)  # drop-path and dropout draws replay on resume
         sampler.set_epoch(epoch)
         step_log: list[dict] = []
@@ -287,15 +287,12 @@ def _weight_ema(model: torch.nn.Module, decay: float | None):
     return ModelEmaV3(model, decay=decay)
 
 
-def _check_views_held(store: LogitStore | None, views: int, start_epoch: int, epochs: int) -> None:
-    """A store of the later views only (store.first_view) must hold every view the epochs still to train read."""
-    if store is None or not store.first_view or start_epoch >= epochs:
-        return
-    needed = min(epoch % views for epoch in range(start_epoch, epochs))
-    if needed < store.first_view:
-        raise LibkdError(f"store '{store.root}' holds views {store.first_view}..{views - 1} only (store.first_view="
-                         f"{store.first_view}) and this run, from epoch {start_epoch}, reads view {needed}: build its store "
-                         f"with store.first_view={needed} or lower (0: every view), or resume the run from a later epoch")
+def _stop_at_window_end(store: LogitStore | None, epoch: int, writer) -> None:
+    """Raise ViewsNotHeld before an epoch whose view the store (a window of views) does not hold."""
+    if store is not None and not store.holds(epoch % store.views):
+        if writer is not None:
+            writer.close()
+        raise ViewsNotHeld(store, epoch)
 
 
 def _trained_module(model: torch.nn.Module, world: int, device: torch.device, compile: bool) -> torch.nn.Module:

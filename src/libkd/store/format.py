@@ -2,11 +2,12 @@
 
     STORE/manifest.json            format, fingerprints, recipe, encoding, per-shard checksums
     STORE/shards/t{T}-{S:05d}.npy  records of teacher T for samples [start, stop) of shard S,
-                                   shape (views - first_view, stop - start), dtype from ``codec.record_dtype``
+                                   shape (stop_view - first_view, stop - start), dtype from ``codec.record_dtype``
     STORE/shards/{S:05d}.done.json shard S's checksums (written last: the shard is complete)
 
 A record is keyed by (sample index, view); training at epoch e reads view e mod V. A store with ``first_view`` k
-(manifest field, 0 when absent) holds views k..V-1 only, for a run going on from epoch k.
+(manifest field, 0 when absent) holds views k..V-1 only, for a run going on from epoch k; one with ``stop_view`` s
+(absent or null: V) holds views up to s-1 only, the window a run trains on next.
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ class LogitStore:
         m = self.manifest
         self.views, self.shard_size = m["views"], m["shard_size"]
         self.first_view: int = m.get("first_view", 0)  # views below it are not held (absent from older stores: 0)
+        self.stop_view: int = m.get("stop_view") or self.views  # nor views from it on
         self.num_samples, self.num_classes = m["dataset"]["num_samples"], m["dataset"]["num_classes"]
         self.num_teachers = len(m["teachers"])
         self.taus: list[float] = m.get("topk_taus") or []  # absent from stores built before tempered tails
@@ -201,7 +203,7 @@ class LogitStore:
         entry = self.manifest["shards"][shard]
         path = shard_file(self.root, teacher, entry["index"])
         array = np.load(path, mmap_mode="r")
-        expected_shape = (self.views - self.first_view, entry["stop"] - entry["start"])
+        expected_shape = (self.stop_view - self.first_view, entry["stop"] - entry["start"])
         if array.shape != expected_shape or array.dtype != self.dtype:
             raise StoreError(f"shard file '{path}' holds {array.shape} {array.dtype}, expected {expected_shape} {self.dtype}")
         self._open[key] = array
@@ -210,7 +212,7 @@ class LogitStore:
         return array
 
     def records_of_shard(self, shard: int, teacher: int) -> np.ndarray:
-        """Every held view of one teacher's shard, (views - first_view, samples in the shard), as an array in memory."""
+        """Every held view of one teacher's shard, (stop_view - first_view, samples in the shard), as an array in memory."""
         return np.array(self._shard(teacher, shard))
 
     def verify_checksums(self) -> list[str]:
@@ -229,10 +231,12 @@ class LogitStore:
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
             raise StoreError(f"sample index out of range for a store of {self.num_samples} samples")
         v = view % self.views
-        if v < self.first_view:
-            raise StoreError(f"store '{self.root}' holds views {self.first_view}..{self.views - 1} only (store.first_view="
-                             f"{self.first_view}, built for a run going on from epoch {self.first_view}), not view {v}; "
-                             f"build it with store.first_view={v} or lower (0: every view)")
+        if not self.holds(v):
+            fix = (f"store.first_view={v} or lower (0: every view)" if v < self.first_view else
+                   f"store.stop_view above {v} (unset: every view from store.first_view)")
+            raise StoreError(f"store '{self.root}' holds views {self.window()} only (store.first_view={self.first_view}"
+                             f"{f', store.stop_view={self.stop_view}' if self.stop_view < self.views else ''}, built for "
+                             f"a run going on from epoch {self.first_view}), not view {v}; build it with {fix}")
         v -= self.first_view
         out = np.empty(len(indices), dtype=self.dtype)
         shard_ids = indices // self.shard_size
@@ -240,6 +244,14 @@ class LogitStore:
             mask = shard_ids == shard
             out[mask] = self._shard(teacher, int(shard))[v, indices[mask] - shard * self.shard_size]
         return out
+
+    def holds(self, view: int) -> bool:
+        """Whether the records of view ``view`` (0..V-1) are in this store (a store of a window of views holds some)."""
+        return self.first_view <= view < self.stop_view
+
+    def window(self) -> str:
+        """The views held, as 'first..last'."""
+        return f"{self.first_view}..{self.stop_view - 1}"
 
     def read(self, indices: np.ndarray, view: int, teachers: Sequence[int] | None = None, tau: float = 1.0) -> list[torch.Tensor]:
         """Decoded outputs (B, C) of each teacher (or of those at ``teachers``) for a loss at temperature ``tau``:
@@ -249,3 +261,31 @@ class LogitStore:
 
     def nbytes(self) -> int:
         return sum(f["bytes"] for entry in self.manifest["shards"] for f in entry["files"].values())
+
+
+class ViewsNotHeld(LibkdError):
+    """A run reached an epoch whose view its store, a window of views (store.stop_view), does not hold: every epoch
+    before ``epoch`` is saved, and the run goes on from there once its store holds ``view``."""
+
+    def __init__(self, store: LogitStore, epoch: int):
+        self.epoch, self.view = epoch, epoch % store.views
+        super().__init__(f"store '{store.root}' holds views {store.window()} only and epoch {epoch + 1} reads view "
+                         f"{self.view}: the run is saved at epoch {epoch}; build the store's next views (store.first_view="
+                         f"{self.view}, store.stop_view above it or unset) and run the same command to go on (`libkd "
+                         "study --views-ahead N` builds them as the run reaches them)")
+
+
+def check_views_held(store: LogitStore | None, start_epoch: int, epochs: int) -> None:
+    """A store of the later views only (store.first_view) must hold every view the epochs still to train read; one of
+    a window of views (store.stop_view), the view of the next epoch (the run stops where the window ends)."""
+    if store is None or start_epoch >= epochs or (not store.first_view and store.stop_view == store.views):
+        return
+    windowed = store.stop_view < store.views
+    needed = start_epoch % store.views if windowed else min(e % store.views for e in range(start_epoch, epochs))
+    if not store.holds(needed):
+        window = f"store.first_view={store.first_view}" + (f", store.stop_view={store.stop_view}" if windowed else "")
+        fix = (f"store.first_view={needed} or lower (0: every view)" if needed < store.first_view else
+               f"store.stop_view above {needed}")
+        raise LibkdError(f"store '{store.root}' holds views {store.window()} only ({window}) and this run, from epoch "
+                         f"{start_epoch}, reads view {needed}: build its store with {fix}, or resume the run from a "
+                         "later epoch")

@@ -67,9 +67,9 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     identity = store_identity(cfg, dataset, teachers, size, mean, std)
     num_shards = math.ceil(len(dataset) / cfg.store.shard_size)
     dtype = record_dtype(cfg.store.encoding, dataset.num_classes, cfg.store.topk, len(topk_taus(cfg.store) or ()))
-
     manifest_path = root / "manifest.json"
-    existing = _begun_store(root, identity, cfg.store.first_view, cfg.store.views)
+    held_from, held_to = cfg.store.first_view, cfg.store.stop_view or cfg.store.views  # the views this store holds
+    existing = _begun_store(root, identity, held_from, held_to, cfg.store.views)
     if existing is not None and existing.get("complete"):
         if rank == 0:
             print(f"store '{root}' is already complete ({len(existing['shards'])} shards)")
@@ -89,7 +89,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             "dataset_classes": dataset.classes, "teacher_checkpoints": [t.path for t in teachers],
             "teacher_kinds": [teacher_kind(t.model) for t in teachers], "record_bytes": dtype.itemsize,
             "threads": torch.get_num_threads(), "compiled": cfg.store.compile, "built_on": {"device": device.type},
-            "num_shards": num_shards, "first_view": cfg.store.first_view,
+            "num_shards": num_shards, "first_view": held_from, **({"stop_view": held_to} if held_to < cfg.store.views else {}),
             "grown_from": None if source is None else {"path": str(source.root), "views": source.views},
         })
     barrier()
@@ -99,13 +99,13 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
         for teacher in teachers:
             teacher.model = FixedBatch(torch.compile(teacher.model, dynamic=False), cfg.store.batch_size)
     mine = [s for s in range(rank, num_shards, world) if not done_file(root, s).is_file()]
-    shard_size, views, held_from = cfg.store.shard_size, cfg.store.views, cfg.store.first_view
+    shard_size, views = cfg.store.shard_size, cfg.store.views
     bounds = {s: (s * shard_size, min(len(dataset), (s + 1) * shard_size)) for s in mine}
     # A store made from a source computes only the views its source lacks (none when the source holds more).
     first_new = min(source.views, views) if source is not None else held_from
     # One loader over every (index, view) pair of this rank's shards, shard by shard, so the
     # pipeline never drains at a shard or view boundary; a shard is written once all its records are in.
-    pairs = [(i, v) for s in mine for v in range(first_new, views) for i in range(*bounds[s])]
+    pairs = [(i, v) for s in mine for v in range(first_new, held_to) for i in range(*bounds[s])]
     done_before = len(range(rank, num_shards, world)) - len(mine)
     if rank == 0 and done_before:
         print(f"resuming '{root}': {done_before} shard(s) already complete")
@@ -126,7 +126,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             rows = np.flatnonzero(indices // shard_size == shard)
             start, stop = bounds[int(shard)]
             if int(shard) not in pending:
-                pending[int(shard)] = [np.empty((views - held_from, stop - start), dtype=dtype) for _ in teachers]
+                pending[int(shard)] = [np.empty((held_to - held_from, stop - start), dtype=dtype) for _ in teachers]
                 if source is not None:  # only ever a store of every view into one of every view
                     for t, array in enumerate(pending[int(shard)]):
                         array[:first_new] = source.records_of_shard(int(shard), t)[:first_new]
@@ -135,7 +135,7 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
             for t, array in enumerate(arrays):
                 array[batch_views[rows] - held_from, indices[rows] - start] = records[t][rows]
             filled[int(shard)] = filled.get(int(shard), 0) + len(rows)
-            if filled[int(shard)] == (views - held_from) * (stop - start):
+            if filled[int(shard)] == (held_to - held_from) * (stop - start):
                 _write_shard(root, int(shard), start, stop, pending.pop(int(shard)), completed, num_shards)
                 completed += 1
                 if not on_terminal():  # the bar is off in a log: one line per shard instead
@@ -157,9 +157,9 @@ def _precompute(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"images": images_done, "seconds": elapsed, "images_per_s": images_done / max(elapsed, 1e-9)}
 
 
-def _begun_store(root: Path, identity: dict[str, Any], first_view: int, views: int) -> dict[str, Any] | None:
+def _begun_store(root: Path, identity: dict[str, Any], first_view: int, stop_view: int, views: int) -> dict[str, Any] | None:
     """The manifest of the store begun at ``root`` (None: none), refused by name if it is of other data, teachers,
-    recipe or views than this build's."""
+    recipe or views than this build's, or holds another window of them."""
     if not (root / "manifest.json").is_file():
         return None
     existing = read_manifest(root)
@@ -167,11 +167,12 @@ def _begun_store(root: Path, identity: dict[str, Any], first_view: int, views: i
     if problems:
         raise StoreError(f"'{root}' holds a store built from something else: " + "; ".join(problems)
                          + ". Use another store.path, or delete that folder to rebuild it")
-    held_from = existing.get("first_view", 0)
-    if held_from != first_view:
-        raise StoreError(f"'{root}' holds a store of views {held_from}..{existing['views'] - 1} and this build asks for "
-                         f"views {first_view}..{views - 1} (store.first_view); set store.first_view={held_from} to finish "
-                         "it, or delete that folder to rebuild it")
+    held_from, held_to = existing.get("first_view", 0), existing.get("stop_view") or existing["views"]
+    if (held_from, held_to) != (first_view, stop_view):
+        raise StoreError(f"'{root}' holds a store of views {held_from}..{held_to - 1} and this build asks for views "
+                         f"{first_view}..{stop_view - 1} (store.first_view, store.stop_view); set store.first_view="
+                         f"{held_from}{f' and store.stop_view={held_to}' if held_to < views else ''} to finish it, or "
+                         "delete that folder to rebuild it")
     return existing
 
 
@@ -198,12 +199,13 @@ def _growth_source(cfg: ExperimentConfig, identity: dict[str, Any], augment: Rep
     views."""
     if not cfg.store.grow_from:
         return None
-    if cfg.store.first_view:
-        raise StoreError(f"store.grow_from '{cfg.store.grow_from}' with store.first_view={cfg.store.first_view}: a store of "
-                         "views from k is built from scratch (it holds none of a smaller store's first views); drop one")
+    if cfg.store.first_view or cfg.store.stop_view:
+        raise StoreError(f"store.grow_from '{cfg.store.grow_from}' with a window of views (store.first_view="
+                         f"{cfg.store.first_view}, store.stop_view={cfg.store.stop_view}): a window is built from scratch; "
+                         "drop one")
     source = LogitStore(cfg.store.grow_from, verify="full")  # its records become ours: every checksum first
-    if source.first_view:
-        raise StoreError(f"store.grow_from '{source.root}' holds views {source.first_view}..{source.views - 1} only; "
+    if source.first_view or source.stop_view < source.views:
+        raise StoreError(f"store.grow_from '{source.root}' holds views {source.window()} only; "
                          "grow a store that holds every view, or leave store.grow_from unset")
     old = source.views
     if old == cfg.store.views:
@@ -304,7 +306,7 @@ def verify_store(root: str | Path, samples: int, device: str = "cpu", seed: int 
     if problems:
         raise StoreError(f"store '{root}': " + "; ".join(problems) + ". Rebuild it with `libkd precompute` on this machine")
     rng = np.random.default_rng(seed)
-    picks = [(int(rng.integers(store.num_samples)), int(rng.integers(store.first_view, store.views))) for _ in range(samples)]
+    picks = [(int(rng.integers(store.num_samples)), int(rng.integers(store.first_view, store.stop_view))) for _ in range(samples)]
     worst = 0.0
     mismatches = []
     noise = DEVICE_NOISE.get(m.get("built_on", {}).get("device"), DEVICE_NOISE["cuda"]) + DEVICE_NOISE.get(torch_device.type, 0.0)

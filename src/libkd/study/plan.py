@@ -40,7 +40,7 @@ class StudyState(Protocol):
     def finished_runs(self) -> list[tuple["RunSpec", int, Path]]: ...
     def base_for(self, spec: "RunSpec") -> ExperimentConfig: ...
     def run_config(self, spec: "RunSpec", seed: int, base: ExperimentConfig, out: Path, stores: str = "stores",
-                   build: bool = True, views: int | None = None) -> ExperimentConfig: ...
+                   build: bool = True, views: int | None = None, ahead: int | None = None) -> ExperimentConfig: ...
     def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]: ...
     def timed(self, key: str) -> ContextManager[None]: ...
 
@@ -147,9 +147,9 @@ class StudyConfig(Section):
         return self
 
 
-# Store settings that change no record a store holds (how it is built; which of its views it keeps, first_view): they
+# Store settings that change no record a store holds (how it is built; which of its views it keeps, first_view and stop_view): they
 # never enter a store's key (its folder), so a run reads the same store path however its store was built.
-HOW_BUILT = ("grow_from", "compile", "first_view")
+HOW_BUILT = ("grow_from", "compile", "first_view", "stop_view")
 INHERITED = ("base", "teachers", "store")  # what a study that extends another takes from it
 
 

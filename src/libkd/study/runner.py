@@ -16,6 +16,7 @@ from libkd.config import ExperimentConfig, load_config
 from libkd.study.park import TrainingNeeded, epochs_done, saved_epoch, unpark
 from libkd.study.plan import HOW_BUILT, RunSpec, StudyConfig, study_log, short_hash, with_overrides, load_study
 from libkd.study.search import search
+from libkd.study.stores import source_store, window_to_build
 from libkd.study.summary import summary_markdown
 
 RESULT_FILES = ("metrics.jsonl", "run.json", "student.json", "student.eval.json", "config.yaml")
@@ -30,8 +31,13 @@ _TIMINGS_LOCK = threading.Lock()  # one read-modify-write of timings.json at a t
 class Study:
     """The steps of one study, each skipped when its output is complete."""
 
-    def __init__(self, cfg: StudyConfig, only: list[str] | None = None, workers: int | None = None):
+    def __init__(self, cfg: StudyConfig, only: list[str] | None = None, workers: int | None = None,
+                 views_ahead: int | None = None):
         self.cfg, self.out = cfg, Path(cfg.out)
+        if views_ahead is not None and views_ahead < 1:
+            raise LibkdError(f"--views-ahead {views_ahead}: give a number of views, 1 or more")
+        # Build a run's store this many views at a time, as the run reaches them (None: every view before it starts).
+        self.views_ahead = views_ahead
         if workers is not None and workers < 0:
             raise LibkdError(f"--workers {workers}: give a number of data-loading processes, 0 or more (0: load in the "
                              "training process)")
@@ -175,15 +181,16 @@ class Study:
              f"(val top-1 {record.get('metrics', {}).get('val_top1', float('nan')):.2f}), not retraining")
 
     def store_path(self, base: ExperimentConfig, seed: int, naive: bool, where: str = "stores", build: bool = True,
-                   views: int | None = None, first_view: int = 0) -> str:
+                   views: int | None = None, first_view: int = 0, stop_view: int | None = None) -> str:
         """Where the store for these data, recipe, seed and views lives (built and verified on first use when ``build``;
         a store of more views than the study's is grown from the largest smaller one already built, one of fewer
-        views is copied from the first views of a larger one). A run going on
-        from a later epoch needs views from ``first_view`` only: a store missing there holds just those."""
+        views is copied from the first views of a larger one). A run going on from a later epoch needs views from
+        ``first_view`` only, and one built as it goes (--views-ahead) views up to ``stop_view`` - 1 only: a store
+        missing there holds just those."""
         from libkd.store.precompute import precompute, verify_store
 
         if self.parent:  # the same teachers, data, recipe and store settings: the same store
-            return self.parent.store_path(base, seed, naive, where, build, views, first_view)
+            return self.parent.store_path(base, seed, naive, where, build, views, first_view, stop_view)
 
         if not naive:
             views = views or self.cfg.store.views or base.train.epochs  # unset: one view per epoch
@@ -200,23 +207,17 @@ class Study:
         if not build:
             return str(path)
         if not naive:
-            held_from = json.loads((path / "manifest.json").read_text()).get("first_view", 0) \
-                if (path / "manifest.json").is_file() else None
-            if held_from is not None and held_from > first_view:  # views this run reads are missing: a store of them all
-                study_log(f"store {path.name} holds views {held_from}..{store.views - 1} only and this run reads view "
-                     f"{first_view}: rebuilding it")
-                shutil.rmtree(path)
-                self.verified.discard(str(path))
-            elif held_from is not None:
-                first_view = held_from  # every view the run reads is there: finish or reuse it as it was begun
-            store.first_view = first_view
-            store.grow_from, source_views = _source_store(
+            first_view, stop_view = window_to_build(path, first_view, stop_view or store.views, self.verified)
+            store.first_view, store.stop_view = first_view, stop_view if stop_view < store.views else None
+            store.grow_from, source_views = source_store(
                 path, base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
         grown = ""
         if store.grow_from:
             grown = (f", grown from {Path(store.grow_from).name}" if source_views < store.views else
                      f", its views copied from {Path(store.grow_from).name} ({source_views} views; no teacher runs)")
-        window = f" (views {store.first_view}..{store.views - 1} only: its run goes on from there)" if store.first_view else ""
+        window = (f" (views {store.first_view}..{store.stop_view - 1} only: the next its run trains on, --views-ahead)"
+                  if store.stop_view else
+                  f" (views {store.first_view}..{store.views - 1} only: its run goes on from there)" if store.first_view else "")
         study_log(f"store {'naive single clean view' if naive else f'seed {seed}, {store.views} views'}{window}{grown} -> {path}")
         with self.timed(f"store {where}/{path.name}"):
             precompute(base.model_copy(update={"seed": seed, "replay": replay, "store": store}))
@@ -229,7 +230,9 @@ class Study:
     # ------------------------------------------------------------------ runs
 
     def run_config(self, spec: RunSpec, seed: int, base: ExperimentConfig, out: Path, stores: str = "stores",
-                   build: bool = True, views: int | None = None) -> ExperimentConfig:
+                   build: bool = True, views: int | None = None, ahead: int | None = None) -> ExperimentConfig:
+        """The run's config, its store built first when ``build`` (only the next ``ahead`` views its run reads, when
+        given: the run stops where they end, ViewsNotHeld)."""
         teachers = [self.teacher_path(t) for t in spec.teachers]
         distill = base.distill.model_copy(update={"mode": spec.mode, "teachers": teachers, "combine": spec.combine,
                                                   "naive_store": spec.naive_store, "store": None})
@@ -238,9 +241,13 @@ class Study:
             held = views or self.cfg.store.views or base.train.epochs
             done = saved_epoch(self, out) if build else 0  # unbuilt: only the store's path, its views unread here
             first_view = min((e % held for e in range(done, base.train.epochs)), default=0)
+            stop_view = None
+            if ahead and done < base.train.epochs:  # the next views the run reads, from its next epoch's
+                first_view = done % held
+                stop_view = min(first_view + ahead, held)
             # A run trained to its last epoch here reads no view: it is evaluated without building (or touching) its store.
             build = build and not trained_here(out, base.train.epochs)
-            distill.store = self.store_path(base, seed, spec.naive_store, stores, build, views, first_view)
+            distill.store = self.store_path(base, seed, spec.naive_store, stores, build, views, first_view, stop_view)
         # Runs without a store replay the store's number of views, so every mode sees the same stream, unless they
         # ask for a fresh view every epoch.
         views = base.train.epochs if spec.fresh_views else views or self.cfg.store.views or base.train.epochs
@@ -248,9 +255,27 @@ class Study:
         train = base.train.model_copy(update={"workers": self.workers}) if self.workers is not None else base.train
         return base.model_copy(update={"seed": seed, "out": str(out), "distill": distill, "store": store, "train": train})
 
+    def train_run(self, spec: RunSpec, seed: int, out: Path) -> None:
+        """Train and evaluate one run of the study; with --views-ahead, its store is built a window of views at a time
+        as the run reaches them."""
+        from libkd.store import ViewsNotHeld
+
+        stopped_at = None
+        while True:
+            cfg = self.run_config(spec, seed, self.base_for(spec), out, ahead=self.views_ahead)
+            try:
+                self.distill_and_evaluate(cfg, evaluate=True)
+                return
+            except ViewsNotHeld as exc:
+                if exc.epoch == stopped_at:  # the window just built does not hold it: never loop on it
+                    raise
+                stopped_at = exc.epoch
+                study_log(f"{out.name}: saved at epoch {exc.epoch}, where its store's views end: building the next ones")
+
     def distill_and_evaluate(self, cfg: ExperimentConfig, evaluate: bool) -> dict[str, Any]:
         """Train (or reuse) one student; with ``evaluate``, score it with its teachers into student.eval.json."""
         from libkd.distill import distill
+        from libkd.store import ViewsNotHeld
         from libkd.engine import resolve_device
         from libkd.evaluate import evaluate_checkpoint
         from libkd.fileio import write_json_atomic
@@ -266,6 +291,8 @@ class Study:
         else:
             try:
                 final = distill(cfg)  # a finished run is only checked against this config (a changed setting is refused)
+            except ViewsNotHeld:
+                raise  # the end of its store's window: the run goes on once the next views are built
             except LibkdError as exc:
                 if parked is None:
                     raise
@@ -324,9 +351,8 @@ class Study:
                  f"{', naive store' if spec.naive_store else ''}): {state}")
             if landed:
                 continue
-            cfg = self.run_config(spec, seed, self.base_for(spec), out)
             with self.timed(f"run {name}"):
-                self.distill_and_evaluate(cfg, evaluate=True)
+                self.train_run(spec, seed, out)
             self.write_results()
         summary = self.write_results()
         study_log(f"summary over seeds and the claims: {summary}")
@@ -391,31 +417,6 @@ class Study:
         return study_md
 
 
-def _source_store(path: Path, cfg: ExperimentConfig) -> tuple[str | None, int]:
-    """The complete store beside ``path`` built from the same data, recipe, seed and store settings that saves the
-    most teacher work, and its views: the smallest with more views than ``cfg.store.views`` (its first views are
-    copied, nothing is computed), else the one with the most views below it (a larger store grows from it)."""
-    if (path / "manifest.json").is_file() or cfg.store.first_view:
-        return None, 0  # started already (precompute resumes it as it was begun), or it holds none of the first views
-    same = {"exclude": {"path", "views", "teachers", *HOW_BUILT}}
-    smaller: tuple[int, str | None] = (0, None)
-    larger: tuple[float, str | None] = (float("inf"), None)
-    for sibling in sorted(path.parent.glob("*/config.yaml")):
-        manifest = sibling.parent / "manifest.json"
-        if sibling.parent == path or not manifest.is_file() or not json.loads(manifest.read_text()).get("complete") \
-                or json.loads(manifest.read_text()).get("first_view"):
-            continue
-        other = load_config(sibling)
-        if (other.seed, other.data, other.replay) != (cfg.seed, cfg.data, cfg.replay) or \
-                other.store.model_dump(**same) != cfg.store.model_dump(**same) or other.store.teachers != cfg.store.teachers:
-            continue
-        if smaller[0] < other.store.views < cfg.store.views:
-            smaller = (other.store.views, str(sibling.parent))
-        elif cfg.store.views < other.store.views < larger[0]:
-            larger = (other.store.views, str(sibling.parent))
-    return (larger[1], int(larger[0])) if larger[1] else (smaller[1], smaller[0])
-
-
 # The data keys that decide which images a run trains and is scored on.
 DATA_IDENTITY = {"source", "root", "train_split", "val_split", "subset", "subset_seed", "holdout", "load_size", "synthetic"}
 
@@ -447,7 +448,8 @@ def _check_landed(folder: Path, expected: ExperimentConfig, sections: tuple[str,
 
 
 def run_study(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
-              workers: int | None = None) -> Path:
+              workers: int | None = None, views_ahead: int | None = None) -> Path:
     """Run (or resume) the study in config ``path`` (only the runs named in ``only``, when given; stores and runs
-    loading data with ``workers`` processes, when given); returns the report's path."""
-    return Study(load_study(path, overrides), only, workers).run()
+    loading data with ``workers`` processes, when given; each run's store built ``views_ahead`` views at a time, when
+    given); returns the report's path."""
+    return Study(load_study(path, overrides), only, workers, views_ahead).run()
