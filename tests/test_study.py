@@ -724,6 +724,30 @@ def test_a_parked_run_goes_on_from_its_saved_epoch_on_a_fresh_machine(tmp_path, 
     assert "nothing to park" in capsys.readouterr().out
 
 
+def test_a_runs_store_is_reused_or_finished_only_when_it_holds_every_view_the_run_reads_next(tmp_path, capsys):
+    """The window a study builds for a run reading views first..stop-1: a complete store holding them is reused as it
+    is; a begun one is finished only when it was begun with that end (a whole store begun before --views-ahead is not
+    finished for a run that reads 20 of its views); any other is removed and struck from the verified stores."""
+    from libkd.study.stores import window_to_build
+
+    def store(name: str, first: int, stop: int | None, complete: bool) -> Path:
+        (tmp_path / name).mkdir()
+        window = {"first_view": first, **({"stop_view": stop} if stop else {})}
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"views": 5, "complete": complete, **window}))
+        return tmp_path / name
+
+    assert window_to_build(tmp_path / "none", 1, 3, set()) == (1, 3)
+    assert window_to_build(store("whole", 0, None, True), 2, 4, set()) == (0, 5)
+    assert window_to_build(store("begun", 2, 4, False), 2, 4, set()) == (2, 4)
+    assert capsys.readouterr().out == ""
+    for name, first, stop, complete, said in (("big", 0, None, False, "is an unfinished build of views 0..4"),
+                                              ("passed", 0, 2, True, "holds views 0..1 only")):
+        verified = {str(store(name, first, stop, complete)), "other"}
+        assert window_to_build(tmp_path / name, 2, 4, verified) == (2, 4)
+        assert f"store {name} {said} and this run reads views 2..3: rebuilding it" in capsys.readouterr().out
+        assert not (tmp_path / name).exists() and verified == {"other"}
+
+
 def test_views_ahead_builds_a_runs_store_a_window_at_a_time_and_ends_where_a_whole_store_does(tmp_path, capsys):
     """--views-ahead 2: a 3-epoch run of a new view every epoch builds views 0..1 only, trains two epochs, rebuilds
     its store with view 2 and trains the last, to the bytes of the run whose store held every view first."""

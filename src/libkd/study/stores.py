@@ -20,8 +20,9 @@ def window_to_build(path: Path, first_view: int, stop_view: int, verified: set[s
     held_from, held_to = manifest.get("first_view", 0), manifest.get("stop_view") or manifest["views"]
     if held_from <= first_view and stop_view <= held_to and (manifest.get("complete") or held_to == stop_view):
         return held_from, held_to  # every view the run reads is there: finish or reuse it as it was begun
-    study_log(f"store {path.name} holds views {held_from}..{held_to - 1} only and this run reads views {first_view}.."
-              f"{stop_view - 1}: rebuilding it")
+    window = f"views {held_from}..{held_to - 1}"
+    held = f"holds {window} only" if manifest.get("complete") else f"is an unfinished build of {window}"
+    study_log(f"store {path.name} {held} and this run reads views {first_view}..{stop_view - 1}: rebuilding it")
     shutil.rmtree(path)
     verified.discard(str(path))
     return first_view, stop_view
