@@ -264,7 +264,8 @@ class Study:
         while True:
             cfg = self.run_config(spec, seed, self.base_for(spec), out, ahead=self.views_ahead)
             try:
-                self.distill_and_evaluate(cfg, evaluate=True)
+                with self.timed(f"run {out.name}"):  # its store's time apart, as without --views-ahead
+                    self.distill_and_evaluate(cfg, evaluate=True)
                 return
             except ViewsNotHeld as exc:
                 if exc.epoch == stopped_at:  # the window just built does not hold it: never loop on it
@@ -351,8 +352,7 @@ class Study:
                  f"{', naive store' if spec.naive_store else ''}): {state}")
             if landed:
                 continue
-            with self.timed(f"run {name}"):
-                self.train_run(spec, seed, out)
+            self.train_run(spec, seed, out)
             self.write_results()
         summary = self.write_results()
         study_log(f"summary over seeds and the claims: {summary}")
