@@ -3,6 +3,7 @@ training images shown clean: top-1 against each view's label (the larger-weight 
 probability at T=1, the entropy at the distillation temperature, and how often the teachers agree.
 
     .venv/bin/python benchmarks/teacher_views.py --json docs/results/cifar10-10pct-strong/teacher-views.json
+    .venv/bin/python benchmarks/teacher_views.py --run both-m100-mild --json docs/results/cifar10-10pct-strong/teacher-views-mild.json
 
 Defaults: the strong CIFAR-10 study's student recipe, 1,000 of its 5,000 training images, each at a random one of
 300 views, the first teachers (docs/results/cifar10-10pct/teachers/) against the strong ones
@@ -55,11 +56,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--views", type=int, default=300, help="view indices are drawn from 0..VIEWS-1")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--run", help="score the views of this run of the study (its set: on top of the base recipe, "
+                                      "e.g. a milder replay) instead of the base recipe's")
     parser.add_argument("--json")
     args = parser.parse_args()
     from libkd.study import load_study
+    from libkd.study.plan import with_overrides
 
-    base = load_study(args.config).base
+    study = load_study(args.config)
+    base = study.base
+    if args.run:
+        specs = {spec.name: spec for spec in study.runs}
+        if args.run not in specs:
+            parser.error(f"--run {args.run}: no such run in {args.config} (its runs: {', '.join(specs)})")
+        base = with_overrides(base, specs[args.run].set)
     dataset = build_dataset(base.data, "train", seed=base.seed)
     size, mean, std = view_spec(base.data, dataset)
     rng = np.random.default_rng(args.seed)
@@ -82,8 +92,8 @@ def main() -> None:
             results[f"{label} / {shown}"] = row
             print(f"{label:>10} {shown:>14}: " + json.dumps({k: v for k, v in row.items() if k != "teachers"}), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": _relative(args.config), "samples": args.samples, "views": args.views,
-                                               "seed": args.seed, "results": results}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"config": _relative(args.config), "run": args.run, "samples": args.samples,
+                                               "views": args.views, "seed": args.seed, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

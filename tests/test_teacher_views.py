@@ -54,3 +54,28 @@ def test_teacher_views_compares_sets_on_replayed_and_clean_views(tmp_path, monke
     assert results["twice / clean"]["answers"][0] == results["pair / clean"]["answers"][0]
     # the replayed views are not the clean images: the ResNet's answers differ between the two
     assert results["pair / student views"]["answers"][0] != results["pair / clean"]["answers"][0]
+
+
+def test_teacher_views_scores_a_runs_own_replay(tmp_path, monkeypatch):
+    from libkd.data import build_dataset
+    from libkd.study import load_study
+
+    demo = REPO / "configs" / "digits-demo.yaml"
+    classes = build_dataset(load_study(demo).base.data, "train", seed=0).classes
+    conv, _ = confident_teachers(tmp_path, classes)
+    config = tmp_path / "study.yaml"
+    unaugmented = ("replay.crop_scale: [1.0, 1.0], replay.hflip: 0.0, replay.auto_augment: null, replay.erase_prob: 0.0, "
+                   "replay.mixup_alpha: 0.0, replay.cutmix_alpha: 0.0")
+    config.write_text(f"extends: {demo}\nruns:\n  - {{name: both, mode: store, teachers: [conv, inv]}}\n"
+                      f"  - {{name: unaugmented, mode: store, teachers: [conv], set: {{{unaugmented}}}}}\n")
+    out = tmp_path / "views.json"
+    argv = ["teacher_views.py", "--config", str(config), "--samples", "16", "--views", "3", "--teachers", f"one={conv}"]
+    monkeypatch.setattr(sys, "argv", argv + ["--run", "unaugmented", "--json", str(out)])
+    teacher_views.main()
+    data = json.loads(out.read_text())
+    assert data["run"] == "unaugmented"
+    # that run's views are the clean images themselves, so the teacher answers them exactly as it does the clean ones
+    assert data["results"]["one / student views"]["answers"] == data["results"]["one / clean"]["answers"]
+    monkeypatch.setattr(sys, "argv", argv + ["--run", "absent"])
+    with pytest.raises(SystemExit):
+        teacher_views.main()
