@@ -57,19 +57,21 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=300, help="view indices are drawn from 0..VIEWS-1")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--run", help="score the views of this run of the study (its set: on top of the base recipe, "
-                                      "e.g. a milder replay) instead of the base recipe's")
+                                      "e.g. a milder replay; a settings search's choices are not applied)")
     parser.add_argument("--json")
     args = parser.parse_args()
     from libkd.study import load_study
     from libkd.study.plan import with_overrides
 
     study = load_study(args.config)
-    base = study.base
+    # A run's recipe as the study builds it (the study's set:, then the run's), less any settings search's choices.
+    overrides = dict(study.set)
     if args.run:
         specs = {spec.name: spec for spec in study.runs}
         if args.run not in specs:
             parser.error(f"--run {args.run}: no such run in {args.config} (its runs: {', '.join(specs)})")
-        base = with_overrides(base, specs[args.run].set)
+        overrides.update(specs[args.run].set)
+    base = with_overrides(study.base, overrides) if overrides else study.base
     dataset = build_dataset(base.data, "train", seed=base.seed)
     size, mean, std = view_spec(base.data, dataset)
     rng = np.random.default_rng(args.seed)

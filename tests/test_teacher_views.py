@@ -56,7 +56,9 @@ def test_teacher_views_compares_sets_on_replayed_and_clean_views(tmp_path, monke
     assert results["pair / student views"]["answers"][0] != results["pair / clean"]["answers"][0]
 
 
-def test_teacher_views_scores_a_runs_own_replay(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["run", "study"])
+def test_teacher_views_scores_a_runs_own_replay(tmp_path, monkeypatch, where):
+    """The views of a run are the study's base recipe with the study's set: and then the run's own on top."""
     from libkd.data import build_dataset
     from libkd.study import load_study
 
@@ -64,10 +66,11 @@ def test_teacher_views_scores_a_runs_own_replay(tmp_path, monkeypatch):
     classes = build_dataset(load_study(demo).base.data, "train", seed=0).classes
     conv, _ = confident_teachers(tmp_path, classes)
     config = tmp_path / "study.yaml"
-    unaugmented = ("replay.crop_scale: [1.0, 1.0], replay.hflip: 0.0, replay.auto_augment: null, replay.erase_prob: 0.0, "
-                   "replay.mixup_alpha: 0.0, replay.cutmix_alpha: 0.0")
-    config.write_text(f"extends: {demo}\nruns:\n  - {{name: both, mode: store, teachers: [conv, inv]}}\n"
-                      f"  - {{name: unaugmented, mode: store, teachers: [conv], set: {{{unaugmented}}}}}\n")
+    unaugmented = ("{replay.crop_scale: [1.0, 1.0], replay.hflip: 0.0, replay.auto_augment: null, replay.erase_prob: 0.0, "
+                   "replay.mixup_alpha: 0.0, replay.cutmix_alpha: 0.0}")
+    config.write_text(f"extends: {demo}\n" + (f"set: {unaugmented}\n" if where == "study" else "")
+                      + "runs:\n  - {name: both, mode: store, teachers: [conv, inv]}\n"
+                      + f"  - {{name: unaugmented, mode: store, teachers: [conv], set: {unaugmented if where == 'run' else '{}'}}}\n")
     out = tmp_path / "views.json"
     argv = ["teacher_views.py", "--config", str(config), "--samples", "16", "--views", "3", "--teachers", f"one={conv}"]
     monkeypatch.setattr(sys, "argv", argv + ["--run", "unaugmented", "--json", str(out)])
