@@ -301,6 +301,14 @@ def test_a_store_built_for_something_else_is_refused(tmp_path, teachers, change,
         precompute(other)
 
 
+def test_a_store_of_other_teachers_names_both_sets(tmp_path, teachers):
+    """A teacher added (as when a study gains one) is named with both sets, not as two truncated JSON lists."""
+    precompute(config(tmp_path, teachers[:1]))
+    with pytest.raises(StoreError, match=r"the store holds 1 teacher \(resnet18 [0-9a-f]{12}\), this run has 2 teachers "
+                                         r"\(resnet18 [0-9a-f]{12}, rednet26_cifar [0-9a-f]{12}\).*delete that folder"):
+        precompute(config(tmp_path, teachers))
+
+
 def _expected(cfg, teachers):
     dataset = build_dataset(cfg.data, "train", seed=cfg.seed)
     loaded = load_teachers(teachers, dataset.classes, torch.device("cpu"))

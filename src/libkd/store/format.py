@@ -104,6 +104,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _teacher_list(teachers: list[dict[str, Any]]) -> str:
+    """``2 teachers (resnet18 9ca545702eb7, rednet26_cifar 51c0e2b1a4f3)``: each by architecture and weights."""
+    named = ", ".join(f"{t.get('name')} {str(t.get('weights_sha256'))[:12]}" for t in teachers)
+    return f"{len(teachers)} teacher{'s' if len(teachers) != 1 else ''} ({named})"
+
+
 def _version_changes(stored: dict[str, Any], expected: dict[str, Any]) -> str:
     old, new = stored.get("versions") or {}, expected.get("versions") or {}
     changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -129,6 +135,10 @@ def identity_differences(stored: dict[str, Any], expected: dict[str, Any]) -> li
                 for field in sorted(set(a) | set(b)):
                     if a.get(field) != b.get(field):
                         problems.append(f"teacher {i} {field}: store has {_short(a.get(field))}, this run has {_short(b.get(field))}")
+        elif key == "teachers" and isinstance(stored.get(key), list):
+            problems.append(f"teachers: the store holds {_teacher_list(stored[key])}, this run has {_teacher_list(expected[key])}"
+                            " (a study's stores hold all its teachers: one added to or dropped from the study asks for "
+                            "new stores)")
         elif key in ("dataset", "augmentation") and isinstance(stored.get(key), dict):
             for field in sorted(set(stored[key]) | set(expected[key])):
                 if stored[key].get(field) != expected[key].get(field):
